@@ -11,13 +11,36 @@ extension), ``"torch"`` (the readable reference, any device).
 
 from __future__ import annotations
 
+import importlib
 import os
+import warnings
 from typing import Callable
 
 import torch
 
 BACKENDS = ("auto", "triton", "native", "torch")
 _REGISTRY: dict[str, dict[str, Callable]] = {"logprobs": {}, "sdpo_loss": {}, "attention": {}}
+
+# Modules that register optional backends when they import. A module whose requirements are missing
+# (triton not installed, csrc extension not built) raises ImportError and is skipped.
+_OPTIONAL_MODULES = ("sdpo_fast.kernels.logprobs", "sdpo_fast.kernels.attention", "sdpo_fast.native")
+_loaded = False
+
+
+def _load_optional() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for name in _OPTIONAL_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # the module exists but something it needs does not
+                warnings.warn(f"sdpo_fast: {name} unavailable ({exc}); its backend is skipped", stacklevel=3)
+        except ImportError as exc:
+            warnings.warn(f"sdpo_fast: {name} unavailable ({exc}); its backend is skipped", stacklevel=3)
+
 
 # Preference of "auto" per device type; the first registered one wins.
 _AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("native", "torch")}
@@ -34,6 +57,7 @@ def register(op: str, name: str, fn: Callable) -> None:
 
 def available(op: str) -> tuple[str, ...]:
     """Backends registered for ``op``."""
+    _load_optional()
     return tuple(_REGISTRY[op])
 
 
@@ -46,6 +70,7 @@ def triton_usable(device: torch.device) -> bool:
 
 def resolve(op: str, backend: str, device: torch.device | str) -> str:
     """The backend name to run ``op`` on ``device`` (``"auto"`` picks the fastest registered)."""
+    _load_optional()
     device = torch.device(device)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
