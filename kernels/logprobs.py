@@ -1,0 +1,352 @@
+"""Triton kernels: fused ``lm_head`` + log-softmax + gather + per-candidate sum, and the S-DPO loss
+with its gradients in one op. Backend ``"triton"`` of the ops ``"logprobs"`` and ``"sdpo_loss"``.
+
+Readable reference: ``sdpo_fast.logprobs.torch_logprobs_forward`` / ``torch_logprobs_backward``.
+
+Layout (``sdpo_fast.packing.PackedBatch``): ``Nr`` logit rows (``logit_rows [Nr]``, flat token index
+into ``hidden [T, D]``), CSR ``row_ptr [Nr + 1]`` of their ``N`` targets (``target_ids``,
+``target_candidates = g * C + j``). The prompt's last row is one logit row with K+1 targets.
+
+Forward (never holds ``[Nr, V]``):
+    ``_lse_kernel``     one program per (block of BLOCK_M rows, vocabulary split): logit tiles
+                        ``[BLOCK_M, BLOCK_V]`` via ``tl.dot`` over D with fp32 accumulation, online
+                        max / sum-exp in fp32; the splits' partials are merged in torch (``[S, Nr]``).
+    ``_target_kernel``  one program per BLOCK_T targets: fp32 dot ``hidden[row] . weight[id]`` minus
+                        the row's logsumexp, atomically added into ``logps [G * C]`` (segment sum).
+Gradient pass, over vocabulary slices ``[v0, v0 + S)`` (bounded extra memory ``Nr * S`` elements):
+    ``_dlogits_kernel`` recomputes each logit tile and writes, formed in fp32 before the cast,
+                        ``dlogits = sum_t g_t onehot(id_t) - g_row * softmax`` (``g_row = sum_t g_t``
+                        over the row's targets), so ``g (1 - p)`` never cancels in low precision.
+    then two GEMMs on the slice: ``dW[v0:v0+S] = dlogits^T @ h`` (complete reduction over all rows in
+    one GEMM: fp32 accumulation, one rounding) and ``dh += dlogits @ W[v0:v0+S]`` (fp32 accumulator
+    when there is more than one slice). ``dW`` is skipped when the weight is frozen.
+
+All index arithmetic that can exceed 2**31 (row * D, id * D, row * S) is int64; every grid is 1-D.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sdpo_fast import backends
+from sdpo_fast.fused_loss import group_loss_and_grad
+from sdpo_fast.packing import PackedBatch
+
+__all__ = ["triton_sequence_logprobs", "triton_sdpo_loss", "logprobs_forward", "logprobs_grad"]
+
+# Default tile shapes on CUDA (bf16/fp16, D = 4096): 128 x 128 logit tiles, D in steps of 64.
+_CUDA_DEFAULTS = dict(block_m=128, block_v=128, block_d=64, block_t=32, num_warps=8, num_stages=3, group_m=8)
+# Interpreter (tests on CPU): small tiles keep numpy work and the number of programs low.
+_CPU_DEFAULTS = dict(block_m=16, block_v=64, block_d=32, block_t=16, num_warps=4, num_stages=1, group_m=4)
+# dlogits slice: elements of the [Nr, S] buffer (2**27 bf16 = 256 MiB).
+_SLICE_ELEMENTS = 1 << 27
+_OPTION_NAMES = set(_CUDA_DEFAULTS) | {"v_splits", "slice_cols", "allow_tf32"}
+
+
+# --------------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _logit_tile(h_ptr, w_ptr, rows, row_mask, cols, col_mask, D, stride_h, stride_w,
+                BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """fp32 ``[BLOCK_M, BLOCK_V]`` tile of ``hidden[rows] @ weight[cols]^T``; rows, cols int64."""
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    h_base = h_ptr + rows[:, None] * stride_h
+    w_base = w_ptr + cols[:, None] * stride_w
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        h = tl.load(h_base + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        w = tl.load(w_base + offs_d[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _lse_kernel(h_ptr, w_ptr, rows_ptr, m_ptr, s_ptr, Nr, V, D, stride_h, stride_w, tiles_per_split,
+                BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """Partial logsumexp of rows ``[BLOCK_M]`` over one vocabulary split: ``m = max``, ``s = sum exp(x - m)``
+    stored at ``[split, row]`` of ``m_ptr`` / ``s_ptr`` (fp32 ``[S, Nr]``)."""
+    pid = tl.program_id(0)
+    n_mb = tl.cdiv(Nr, BLOCK_M)
+    # Row blocks vary fastest: neighbouring programs read the same weight tiles (L2 reuse).
+    pid_m = pid % n_mb
+    split = pid // n_mb
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = offs_m < Nr
+    rows = tl.load(rows_ptr + offs_m, mask=row_mask, other=0).to(tl.int64)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    t_begin = split * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, tl.cdiv(V, BLOCK_V))
+    for t in range(t_begin, t_end):
+        cols = t * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_mask = cols < V
+        x = _logit_tile(h_ptr, w_ptr, rows, row_mask, cols, col_mask, D, stride_h, stride_w,
+                        BLOCK_M, BLOCK_V, BLOCK_D, PREC)
+        x = tl.where(col_mask[None, :], x, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(x, axis=1))
+        s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+        m_i = m_new
+    out = split.to(tl.int64) * Nr + offs_m
+    tl.store(m_ptr + out, m_i, mask=row_mask)
+    tl.store(s_ptr + out, s_i, mask=row_mask)
+
+
+@triton.jit
+def _target_kernel(h_ptr, w_ptr, rows_ptr, t_rows_ptr, t_ids_ptr, t_cands_ptr, lse_ptr, out_ptr, N, D,
+                   stride_h, stride_w, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``out[cand_t] += hidden[row_t] . weight[id_t] - lse[row_t]`` for BLOCK_T targets (fp32)."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < N
+    r = tl.load(t_rows_ptr + offs_t, mask=t_mask, other=0)
+    tok = tl.load(rows_ptr + r, mask=t_mask, other=0).to(tl.int64)
+    tid = tl.load(t_ids_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
+    acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        m = t_mask[:, None] & (offs_d < D)[None, :]
+        h = tl.load(h_ptr + tok[:, None] * stride_h + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + tid[:, None] * stride_w + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+        acc += tl.sum(h * w, axis=1)
+    lse = tl.load(lse_ptr + r, mask=t_mask, other=0.0)
+    cand = tl.load(t_cands_ptr + offs_t, mask=t_mask, other=0)
+    tl.atomic_add(out_ptr + cand, acc - lse, mask=t_mask)
+
+
+@triton.jit
+def _dlogits_kernel(h_ptr, w_ptr, rows_ptr, lse_ptr, g_row_ptr, row_ptr_ptr, t_ids_ptr, g_t_ptr, out_ptr,
+                    Nr, V, D, v0, n_cols, stride_h, stride_w, stride_out,
+                    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                    GROUP_M: tl.constexpr, PREC: tl.constexpr):
+    """``out[r, c] = sum_{t in row r} g_t [id_t == v0 + c] - g_row[r] * softmax(logits[r])[v0 + c]``
+    for one ``[BLOCK_M, BLOCK_V]`` tile of the slice ``[v0, v0 + n_cols)``, in fp32, then cast."""
+    pid = tl.program_id(0)
+    n_mb = tl.cdiv(Nr, BLOCK_M)
+    n_vb = tl.cdiv(n_cols, BLOCK_V)
+    # Grouped order: GROUP_M row blocks sweep the slice's columns together (L2 reuse of both operands).
+    per_group = GROUP_M * n_vb
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(n_mb - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_v = (pid % per_group) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = offs_m < Nr
+    rows = tl.load(rows_ptr + offs_m, mask=row_mask, other=0).to(tl.int64)
+    local = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = local < n_cols
+    cols = v0 + local
+    x = _logit_tile(h_ptr, w_ptr, rows, row_mask, cols, col_mask & (cols < V), D, stride_h, stride_w,
+                    BLOCK_M, BLOCK_V, BLOCK_D, PREC)
+    lse = tl.load(lse_ptr + offs_m, mask=row_mask, other=0.0)
+    g_row = tl.load(g_row_ptr + offs_m, mask=row_mask, other=0.0)
+    d = -g_row[:, None] * tl.exp(x - lse[:, None])
+    # Fold the one-hot terms in: most rows own one target, the prompt's last row owns K+1.
+    t_lo = tl.load(row_ptr_ptr + offs_m, mask=row_mask, other=0)
+    t_hi = tl.load(row_ptr_ptr + offs_m + 1, mask=row_mask, other=0)
+    cnt = t_hi - t_lo
+    for k in range(0, tl.max(cnt, axis=0)):
+        has = k < cnt
+        tid = tl.load(t_ids_ptr + t_lo + k, mask=has, other=-1)
+        g_k = tl.load(g_t_ptr + t_lo + k, mask=has, other=0.0)
+        d += tl.where(cols[None, :] == tid[:, None], g_k[:, None], 0.0)
+    out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_out + local[None, :]
+    tl.store(out, d.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+# --------------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------------
+
+
+def _options(device: torch.device, options: dict) -> dict:
+    unknown = set(options) - _OPTION_NAMES
+    if unknown:
+        raise ValueError(f"unknown triton option(s) {sorted(unknown)}; known: {sorted(_OPTION_NAMES)}")
+    opts = dict(_CUDA_DEFAULTS if device.type == "cuda" else _CPU_DEFAULTS)
+    opts.update({k: v for k, v in options.items() if v is not None})
+    for name in ("block_m", "block_v", "block_d", "block_t"):
+        v = opts[name]
+        if not isinstance(v, int) or v < 1 or v & (v - 1):
+            raise ValueError(f"{name} must be a power of two, got {v!r}")
+    for name in ("block_m", "block_v", "block_d"):
+        if opts[name] < 16:
+            raise ValueError(f"{name} must be >= 16 (tl.dot tile), got {opts[name]}")
+    for name in ("v_splits", "slice_cols"):
+        if opts.get(name) is not None and (not isinstance(opts[name], int) or opts[name] < 1):
+            raise ValueError(f"{name} must be a positive int, got {opts[name]!r}")
+    return opts
+
+
+def _precision(dtype: torch.dtype, opts: dict) -> str:
+    # fp32 inputs: exact fp32 products unless tf32 is asked for (tf32 logits would make the target
+    # logit and the logsumexp disagree by ~1e-3 relative, enough to flip the sign of log p ~ -1e-3).
+    return "tf32" if dtype != torch.float32 or opts.get("allow_tf32") else "ieee"
+
+
+def _check(hidden: torch.Tensor, weight: torch.Tensor):
+    if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"triton backend: hidden must be fp32/fp16/bf16, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"triton backend: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    return (hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
+            weight if weight.stride(-1) == 1 else weight.contiguous())
+
+
+def logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, batch: PackedBatch, opts: dict):
+    """Log-probs of every candidate.
+
+    Args: hidden ``[T, D]``, weight ``[V, D]`` (same dtype, last dim contiguous), batch, resolved opts.
+    Returns: ``(lse [Nr] fp32, logps [G * C] fp32)``.
+    """
+    rows = batch.logit_rows
+    Nr, N = rows.shape[0], batch.num_targets
+    V, D = weight.shape
+    bm, bv, bd = opts["block_m"], opts["block_v"], opts["block_d"]
+    prec = _precision(hidden.dtype, opts)
+    n_mb, n_vt = triton.cdiv(Nr, bm), triton.cdiv(V, bv)
+    splits = opts.get("v_splits")
+    if splits is None:
+        # Enough programs to fill the GPU (2 per SM) when the row blocks alone do not.
+        sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count if hidden.is_cuda else 1
+        splits = max(1, min(n_vt, triton.cdiv(2 * sms, n_mb)))
+    splits = min(splits, n_vt)
+    tiles_per_split = triton.cdiv(n_vt, splits)
+    splits = triton.cdiv(n_vt, tiles_per_split)
+    m = torch.empty(splits, Nr, dtype=torch.float32, device=hidden.device)
+    s = torch.empty_like(m)
+    if Nr:
+        _lse_kernel[(n_mb * splits,)](
+            hidden, weight, rows, m, s, Nr, V, D, hidden.stride(0), weight.stride(0), tiles_per_split,
+            BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd, PREC=prec, num_warps=opts["num_warps"], num_stages=opts["num_stages"],
+        )
+    if splits == 1:
+        lse = m[0] + torch.log(s[0])
+    else:
+        mx = m.amax(dim=0)
+        lse = mx + torch.log((s * torch.exp(m - mx)).sum(dim=0))
+    G, C = batch.candidate_mask.shape
+    logps = torch.zeros(G * C, dtype=torch.float32, device=hidden.device)
+    if N:
+        bt = opts["block_t"]
+        _target_kernel[(triton.cdiv(N, bt),)](
+            hidden, weight, rows, batch.target_rows, batch.target_ids, batch.target_candidates, lse, logps, N, D,
+            hidden.stride(0), weight.stride(0), BLOCK_T=bt, BLOCK_D=bd, num_warps=4,
+        )
+    return lse, logps
+
+
+def _mm_acc(out32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out32 += a @ b`` with an fp32 product where the device offers one (CUDA ``out_dtype``)."""
+    if a.dtype != torch.float32 and a.is_cuda:
+        try:
+            out32 += torch.mm(a, b, out_dtype=torch.float32)
+            return
+        except (TypeError, RuntimeError):
+            pass
+    out32 += torch.mm(a, b).float()
+
+
+def logprobs_grad(hidden, weight, batch: PackedBatch, lse, grad_logps, need_h: bool, need_w: bool, opts: dict):
+    """Gradients of ``sum(grad_logps * logps)``.
+
+    Args:
+        hidden ``[T, D]``, weight ``[V, D]``, lse ``[Nr]`` fp32 from ``logprobs_forward``,
+        grad_logps ``[G * C]`` (dL/dlogp per candidate).
+    Returns:
+        ``(dhidden [T, D] or None, dweight [V, D] or None)`` in the input dtypes; dhidden is zero
+        outside ``batch.logit_rows``.
+    """
+    if not (need_h or need_w):
+        return None, None
+    rows = batch.logit_rows
+    Nr = rows.shape[0]
+    V, D = weight.shape
+    dev = hidden.device
+    g_t = grad_logps.float().index_select(0, batch.target_candidates).contiguous()
+    g_row = torch.zeros(Nr, dtype=torch.float32, device=dev).index_add_(0, batch.target_rows, g_t)
+    bm, bv, bd = opts["block_m"], opts["block_v"], opts["block_d"]
+    S = opts.get("slice_cols") or max(bv, _SLICE_ELEMENTS // max(Nr, 1) // bv * bv)
+    S = min(S, V)
+    n_slices = triton.cdiv(V, S)
+    buf = torch.empty(Nr, S, dtype=hidden.dtype, device=dev)
+    h_rows = hidden.index_select(0, rows) if need_w else None
+    dweight = torch.empty_like(weight) if need_w else None
+    dh = None
+    if need_h:
+        dh = torch.zeros(Nr, D, dtype=torch.float32, device=dev) if n_slices > 1 else None
+    prec = _precision(hidden.dtype, opts)
+    for v0 in range(0, V, S):
+        n = min(S, V - v0)
+        part = buf[:, :n]
+        if Nr:
+            grid = (triton.cdiv(Nr, bm) * triton.cdiv(n, bv),)
+            _dlogits_kernel[grid](
+                hidden, weight, rows, lse, g_row, batch.row_ptr, batch.target_ids, g_t, part,
+                Nr, V, D, v0, n, hidden.stride(0), weight.stride(0), buf.stride(0),
+                BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd, GROUP_M=opts["group_m"], PREC=prec,
+                num_warps=opts["num_warps"], num_stages=opts["num_stages"],
+            )
+        if need_w:
+            torch.mm(part.t(), h_rows, out=dweight[v0 : v0 + n])
+        if need_h:
+            if n_slices == 1:
+                dh = torch.mm(part, weight[v0 : v0 + n])
+            else:
+                _mm_acc(dh, part, weight[v0 : v0 + n])
+    dhidden = None
+    if need_h:
+        dhidden = torch.zeros_like(hidden).index_copy_(0, rows, dh.to(hidden.dtype))
+    return dhidden, dweight
+
+
+# --------------------------------------------------------------------------------------------------
+# backend entry points
+# --------------------------------------------------------------------------------------------------
+
+
+class _TritonSequenceLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, batch, opts):
+        lse, logps = logprobs_forward(hidden, weight, batch, opts)
+        ctx.save_for_backward(hidden, weight, lse)
+        ctx.batch, ctx.opts = batch, opts
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dh, dw = logprobs_grad(hidden, weight, ctx.batch, lse, grad_logps.contiguous(), need_h, need_w, ctx.opts)
+        return dh, dw, None, None
+
+
+def triton_sequence_logprobs(hidden, weight, batch: PackedBatch, **options) -> torch.Tensor:
+    """``"logprobs"`` backend: ``[G, C]`` fp32 log-probs, differentiable w.r.t. hidden ``[T, D]`` and
+    weight ``[V, D]``. Options: block_m, block_v, block_d, block_t, num_warps, num_stages, group_m,
+    v_splits (forward vocabulary splits), slice_cols (columns per gradient slice), allow_tf32."""
+    hidden, weight = _check(hidden, weight)
+    opts = _options(hidden.device, options)
+    return _TritonSequenceLogprobs.apply(hidden, weight, batch, opts).view(batch.candidate_mask.shape)
+
+
+def triton_sdpo_loss(hidden, weight, batch: PackedBatch, ref_logps, beta, sft_weight, need_h, need_w, **options):
+    """``"sdpo_loss"`` backend: ``(loss_g [G] fp32, logps [G, C] fp32, dhidden [T, D] | None,
+    dweight [V, D] | None)``, the gradients being those of ``sum_g loss_g``."""
+    hidden, weight = _check(hidden, weight)
+    opts = _options(hidden.device, options)
+    with torch.no_grad():
+        lse, logps = logprobs_forward(hidden, weight, batch, opts)
+        logps = logps.view(batch.candidate_mask.shape)
+        loss_g, grad = group_loss_and_grad(logps, ref_logps, batch.candidate_mask, batch.candidate_lens, beta, sft_weight)
+        dh, dw = logprobs_grad(hidden, weight, batch, lse, grad.flatten(), need_h, need_w, opts)
+    return loss_g, logps, dh, dw
+
+
+backends.register("logprobs", "triton", triton_sequence_logprobs)
+backends.register("sdpo_loss", "triton", triton_sdpo_loss)
