@@ -1,9 +1,59 @@
 """Build script: the Triton kernels in ./kernels ship as ``sdpo_fast.kernels`` (never a top-level
-``kernels`` module)."""
+``kernels`` module), and csrc/ compiles into the ``sdpo_fast._native`` CPU extension.
+
+The extension is built with torch's extension builder (ninja) against the torch that is importable
+here, so it is only built when the build can see the installed torch: ``pip install
+--no-build-isolation ...`` (``.ci/run`` does this). Under pip's default build isolation torch is not
+importable (and must not be, or pip would fetch a multi-GB CUDA wheel into the isolated environment);
+the package then installs without it and ``sdpo_fast.native`` compiles the same sources on first use.
+``SDPO_FAST_NO_EXT=1`` skips the build. A failing compiler never fails the install: the package
+imports and the ``"auto"`` backend falls back to torch with one warning.
+"""
+
+import os
+import sys
 
 from setuptools import setup
 
-setup(
+PACKAGES = dict(
     packages=["sdpo_fast", "sdpo_fast.kernels"],
     package_dir={"sdpo_fast": "sdpo_fast", "sdpo_fast.kernels": "kernels"},
 )
+
+
+def _native_extension():
+    """``(ext_modules, cmdclass)`` for sdpo_fast._native, or empty when it is not to be built."""
+    if os.environ.get("SDPO_FAST_NO_EXT", "0") not in ("", "0"):
+        print("sdpo_fast: SDPO_FAST_NO_EXT is set; not building the native CPU extension", file=sys.stderr)
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        print(
+            "sdpo_fast: torch is not importable in this build environment; the native CPU extension will be "
+            "compiled on first use instead (install with --no-build-isolation to build it now)",
+            file=sys.stderr,
+        )
+        return [], {}
+
+    class OptionalBuildExtension(BuildExtension):
+        """Builds the extension, but a compiler failure only prints a warning."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # noqa: BLE001 - any build failure leaves the torch backend
+                print(f"sdpo_fast: building the native CPU extension failed ({exc}); "
+                      "the torch backend will be used", file=sys.stderr)
+
+    ext = CppExtension(
+        name="sdpo_fast._native",
+        sources=["csrc/sdpo_native.cpp", "csrc/rowops.cpp"],
+        extra_compile_args=["-O3", "-fopenmp"],
+        extra_link_args=["-fopenmp"],
+    )
+    return [ext], {"build_ext": OptionalBuildExtension}
+
+
+ext_modules, cmdclass = _native_extension()
+setup(**PACKAGES, ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,33 @@
+// Row kernels of the native backend: the per-row passes over a logits tile [n, V] (fp32, row-major,
+// rows contiguous). Plain C++ + OpenMP, no ATen: the GEMMs that produce and consume the tile live in
+// sdpo_native.cpp. Target indices (`row_ptr`, `target_ids`, per-target arrays) are absolute offsets
+// into the batch's CSR arrays; every offset is int64.
+#pragma once
+
+#include <cstdint>
+
+namespace sdpo_native {
+
+// Forward statistics of rows [0, n) of `x` (row r of the tile is batch logit row r0 + r, whose
+// targets are row_ptr[r]..row_ptr[r + 1] with row_ptr already shifted to start at r0):
+//   token_logp[t] = x[r, target_ids[t]] - lse[r]     lse[r] = log sum_v exp x[r, v]   (fp32)
+// and, as a side effect kept for the no-recompute gradient, x[r, v] <- exp(x[r, v] - max_r),
+// sum[r] = sum_v x[r, v] (after the overwrite), so softmax(r) = x[r] / sum[r].
+void rows_softmax_stats(float* x, int64_t n, int64_t V, const int64_t* row_ptr, const int64_t* target_ids,
+                        float* lse, float* sum, float* token_logp, int num_threads);
+
+// Gradient from the tile left by rows_softmax_stats (no recompute). With g_t = dL/dlogp of target t's
+// candidate and g_r = sum of the row's g_t, dL/dlogits[r] = -g_r * x[r] / sum[r] + sum_t g_t onehot(t).
+// Written as scale[r] * x[r] so the common single-target row needs no pass over V:
+//   one target:  x[r, id] -= sum[r]  and  scale[r] = -g_r / sum[r]
+//                (x[r, id] - sum[r] = -(sum of the other entries): the (p - 1) cancellation in fp32)
+//   several:     x[r] <- -g_r / sum[r] * x[r] + sum_t g_t onehot(t)  and  scale[r] = 1
+// (a shared prompt row has g_r = sum_j dL/dlogp_j, often exactly 0, so it cannot be divided by).
+void rows_fused_grad(float* x, int64_t n, int64_t V, const int64_t* row_ptr, const int64_t* target_ids,
+                     const float* g_t, const float* sum, float* scale, int num_threads);
+
+// Gradient by recompute: x holds fresh logits; x[r] <- -g_r * exp(x[r] - lse[r]) + sum_t g_t onehot(t).
+void rows_recompute_grad(float* x, int64_t n, int64_t V, const int64_t* row_ptr, const int64_t* target_ids,
+                         const float* g_t, const float* lse, int num_threads);
+
+}  // namespace sdpo_native

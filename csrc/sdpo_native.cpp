@@ -1,0 +1,286 @@
+// Native CPU backend of sdpo_fast: fused lm_head + log-softmax + gather + per-candidate sum, and the
+// S-DPO loss with its gradients, over the PackedBatch log-prob layout (packing.py).
+//
+// Work is done on fp32 logits tiles of at most `tile_elements` floats, never on [rows, V]:
+//   * GEMMs (tile = h W^T, dH = tile W, dW += tile^T h) go to ATen's BLAS, which threads them itself;
+//     dW is one fp32 accumulator updated by those GEMMs (the BLAS parallelises over V/D blocks of the
+//     output, so no per-thread dW copies exist).
+//   * The per-row passes (max, exp, sums, gradient rows) run in rowops.cpp, OpenMP over rows.
+// The S-DPO loss processes whole groups: logit rows are stored group by group, so a tile holding
+// all rows of one or more groups yields those groups' log-probs, loss and dL/dlogp, and the gradient
+// GEMMs reuse the exp values left in the tile (three GEMMs). A group whose rows do not fit the tile
+// budget falls back to recomputing its logits in the gradient pass (four GEMMs), as does the plain
+// log-prob op, whose upstream gradient arrives only in autograd's backward.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "rowops.h"
+
+namespace {
+
+using sdpo_native::rows_fused_grad;
+using sdpo_native::rows_recompute_grad;
+using sdpo_native::rows_softmax_stats;
+
+struct Layout {
+  int64_t Nr, N, V, D;
+  const int64_t* row_ptr;
+  const int64_t* target_ids;
+  const int64_t* target_cands;
+};
+
+Layout check_layout(const at::Tensor& h, const at::Tensor& w, const at::Tensor& row_ptr,
+                    const at::Tensor& target_ids, const at::Tensor& target_cands) {
+  TORCH_CHECK(h.device().is_cpu() && w.device().is_cpu(), "native backend: tensors must be on the CPU");
+  TORCH_CHECK(h.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat,
+              "native backend: h and w must be fp32 (the Python wrapper converts)");
+  TORCH_CHECK(h.dim() == 2 && w.dim() == 2 && h.size(1) == w.size(1), "native backend: h [Nr, D], w [V, D]");
+  TORCH_CHECK(h.is_contiguous() && w.is_contiguous(), "native backend: h and w must be contiguous");
+  for (const auto* t : {&row_ptr, &target_ids, &target_cands}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->is_contiguous(),
+                "native backend: row_ptr / target_ids / target_candidates must be contiguous int64 vectors");
+  }
+  TORCH_CHECK(row_ptr.size(0) == h.size(0) + 1, "native backend: row_ptr must have Nr + 1 entries");
+  TORCH_CHECK(target_ids.size(0) == target_cands.size(0), "native backend: target_ids / target_candidates differ in length");
+  Layout L{h.size(0), target_ids.size(0), w.size(0), w.size(1), row_ptr.data_ptr<int64_t>(),
+           target_ids.data_ptr<int64_t>(), target_cands.data_ptr<int64_t>()};
+  TORCH_CHECK(L.Nr == 0 || (L.row_ptr[0] == 0 && L.row_ptr[L.Nr] == L.N), "native backend: row_ptr must span the targets");
+  for (int64_t r = 0; r < L.Nr; ++r) {
+    TORCH_CHECK(L.row_ptr[r + 1] > L.row_ptr[r], "native backend: logit row ", r, " has no target");
+  }
+  for (int64_t t = 0; t < L.N; ++t) {
+    TORCH_CHECK(L.target_ids[t] >= 0 && L.target_ids[t] < L.V, "native backend: target id ", L.target_ids[t],
+                " outside [0, ", L.V, ")");
+  }
+  return L;
+}
+
+int threads() { return std::max(1, at::get_num_threads()); }
+
+int64_t rows_per_tile(int64_t tile_elements, int64_t V) { return std::max<int64_t>(1, tile_elements / V); }
+
+// Logits of rows [r0, r0 + n) into `tile` and their forward statistics (rowops.h).
+void forward_rows(const Layout& L, const at::Tensor& h, const at::Tensor& w, int64_t r0, int64_t n,
+                  at::Tensor& tile, float* lse, float* sum, float* token_logp) {
+  at::mm_out(tile, h.narrow(0, r0, n), w.t());
+  rows_softmax_stats(tile.data_ptr<float>(), n, L.V, L.row_ptr + r0, L.target_ids, lse + r0, sum + r0,
+                     token_logp, threads());
+}
+
+// dH rows and dW from a gradient tile dlogits = diag(scale) tile (scale undefined: 1).
+void gradient_gemms(const at::Tensor& h, const at::Tensor& w, int64_t r0, int64_t n, const at::Tensor& tile,
+                    const at::Tensor& scale, at::Tensor& dh, at::Tensor& dw) {
+  const at::Tensor hb = h.narrow(0, r0, n);
+  if (dh.defined()) {
+    at::Tensor dhb = dh.narrow(0, r0, n);
+    at::mm_out(dhb, tile, w);
+    if (scale.defined()) dhb.mul_(scale.narrow(0, r0, n).unsqueeze(1));
+  }
+  if (dw.defined()) {
+    dw.addmm_(tile.t(), scale.defined() ? hb * scale.narrow(0, r0, n).unsqueeze(1) : hb);
+  }
+}
+
+// Recomputing gradient pass over rows [r0, r1) given their lse and per-target upstream gradients.
+void recompute_backward(const Layout& L, const at::Tensor& h, const at::Tensor& w, int64_t r0, int64_t r1,
+                        const float* lse, const float* g_t, at::Tensor& buf, int64_t chunk, at::Tensor& dh,
+                        at::Tensor& dw) {
+  const at::Tensor none;
+  for (int64_t a = r0; a < r1; a += chunk) {
+    const int64_t n = std::min(chunk, r1 - a);
+    at::Tensor tile = buf.narrow(0, 0, n);
+    at::mm_out(tile, h.narrow(0, a, n), w.t());
+    rows_recompute_grad(tile.data_ptr<float>(), n, L.V, L.row_ptr + a, L.target_ids, g_t, lse + a, threads());
+    gradient_gemms(h, w, a, n, tile, none, dh, dw);
+  }
+}
+
+std::pair<at::Tensor, at::Tensor> new_grads(const Layout& L, bool need_h, bool need_w) {
+  auto f32 = at::TensorOptions().dtype(at::kFloat);
+  return {need_h ? at::empty({L.Nr, L.D}, f32) : at::Tensor(), need_w ? at::zeros({L.V, L.D}, f32) : at::Tensor()};
+}
+
+// ---- op "logprobs" -------------------------------------------------------------------------------
+
+// Returns (lse [Nr], logps [num_cands]) with logps[c] = sum of token log-probs of candidate c.
+std::vector<at::Tensor> logprobs_forward(const at::Tensor& h, const at::Tensor& w, const at::Tensor& row_ptr,
+                                         const at::Tensor& target_ids, const at::Tensor& target_cands,
+                                         int64_t num_cands, int64_t tile_elements) {
+  const Layout L = check_layout(h, w, row_ptr, target_ids, target_cands);
+  auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor lse = at::empty({L.Nr}, f32), sum = at::empty({L.Nr}, f32), tok = at::empty({L.N}, f32);
+  at::Tensor logps = at::zeros({num_cands}, f32);
+  const int64_t chunk = std::min(rows_per_tile(tile_elements, L.V), std::max<int64_t>(L.Nr, 1));
+  at::Tensor buf = at::empty({chunk, L.V}, f32);
+  for (int64_t a = 0; a < L.Nr; a += chunk) {
+    const int64_t n = std::min(chunk, L.Nr - a);
+    at::Tensor tile = buf.narrow(0, 0, n);
+    forward_rows(L, h, w, a, n, tile, lse.data_ptr<float>(), sum.data_ptr<float>(), tok.data_ptr<float>());
+  }
+  float* lp = logps.data_ptr<float>();
+  const float* tk = tok.data_ptr<float>();
+  for (int64_t t = 0; t < L.N; ++t) {
+    TORCH_CHECK(L.target_cands[t] >= 0 && L.target_cands[t] < num_cands, "native backend: bad target candidate");
+    lp[L.target_cands[t]] += tk[t];
+  }
+  return {lse, logps};
+}
+
+// Returns (dh [Nr, D] fp32 or undefined, dw [V, D] fp32 or undefined) for upstream grad_logps [num_cands].
+std::vector<at::Tensor> logprobs_backward(const at::Tensor& h, const at::Tensor& w, const at::Tensor& row_ptr,
+                                          const at::Tensor& target_ids, const at::Tensor& target_cands,
+                                          const at::Tensor& lse, const at::Tensor& grad_logps, bool need_h,
+                                          bool need_w, int64_t tile_elements) {
+  const Layout L = check_layout(h, w, row_ptr, target_ids, target_cands);
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == L.Nr, "native backend: lse [Nr] fp32");
+  const at::Tensor g = grad_logps.to(at::kFloat).contiguous();
+  auto [dh, dw] = new_grads(L, need_h, need_w);
+  if (L.Nr == 0 || (!need_h && !need_w)) return {dh, dw};
+  at::Tensor g_t = g.index_select(0, target_cands);
+  const int64_t chunk = std::min(rows_per_tile(tile_elements, L.V), L.Nr);
+  at::Tensor buf = at::empty({chunk, L.V}, at::TensorOptions().dtype(at::kFloat));
+  recompute_backward(L, h, w, 0, L.Nr, lse.data_ptr<float>(), g_t.data_ptr<float>(), buf, chunk, dh, dw);
+  return {dh, dw};
+}
+
+// ---- op "sdpo_loss" ------------------------------------------------------------------------------
+
+// Loss and dloss/dlogp of one group (fused_loss.group_loss_and_grad), in double.
+float group_loss_grad(const float* logp, const float* ref, const bool* mask, const int64_t* lens, int64_t C,
+                      double beta, double sft_weight, float* grad) {
+  const double r_w = static_cast<double>(logp[0]) - ref[0];
+  std::vector<double> z(C, 0.0);
+  double m = 0.0;  // the constant 0 term of logsumexp([0, z_1..z_K])
+  for (int64_t j = 1; j < C; ++j) {
+    if (!mask[j]) continue;
+    z[j] = beta * ((static_cast<double>(logp[j]) - ref[j]) - r_w);
+    m = std::max(m, z[j]);
+  }
+  double s = std::exp(-m);
+  for (int64_t j = 1; j < C; ++j) {
+    if (mask[j]) s += std::exp(z[j] - m);
+  }
+  const double lse = m + std::log(s);
+  const double len_w = static_cast<double>(lens[0]);
+  double s_tot = 0.0;
+  for (int64_t j = 1; j < C; ++j) {
+    const double sj = mask[j] ? std::exp(z[j] - lse) : 0.0;
+    grad[j] = static_cast<float>(beta * sj);
+    s_tot += sj;
+  }
+  grad[0] = static_cast<float>(-beta * s_tot - sft_weight / len_w);
+  return static_cast<float>(lse - sft_weight * logp[0] / len_w);
+}
+
+// Returns (loss_g [G], logps [G, C], dh [Nr, D] fp32 | undefined, dw [V, D] fp32 | undefined), gradients
+// of sum_g loss_g. Logit rows must be ordered group by group (packing.py does).
+std::vector<at::Tensor> sdpo_loss(const at::Tensor& h, const at::Tensor& w, const at::Tensor& row_ptr,
+                                  const at::Tensor& target_ids, const at::Tensor& target_cands,
+                                  const at::Tensor& ref_logps, const at::Tensor& cand_mask,
+                                  const at::Tensor& cand_lens, double beta, double sft_weight, bool need_h,
+                                  bool need_w, int64_t tile_elements) {
+  const Layout L = check_layout(h, w, row_ptr, target_ids, target_cands);
+  TORCH_CHECK(ref_logps.dim() == 2, "native backend: ref_logps must be [G, C]");
+  const int64_t G = ref_logps.size(0), C = ref_logps.size(1);
+  const at::Tensor ref = ref_logps.to(at::kFloat).contiguous();
+  const at::Tensor mask = cand_mask.to(at::kBool).contiguous();
+  const at::Tensor lens = cand_lens.to(at::kLong).contiguous();
+  TORCH_CHECK(mask.sizes() == ref.sizes() && lens.sizes() == ref.sizes(), "native backend: mask / lens must be [G, C]");
+  auto f32 = at::TensorOptions().dtype(at::kFloat);
+
+  // Group of every logit row (all targets of a row belong to one group) and the groups' row ranges.
+  std::vector<int64_t> g_begin(G, -1), g_end(G, -1);
+  for (int64_t r = 0; r < L.Nr; ++r) {
+    const int64_t c = L.target_cands[L.row_ptr[r]];
+    TORCH_CHECK(c >= 0 && c < G * C, "native backend: target candidate out of range");
+    const int64_t g = c / C;
+    if (g_begin[g] < 0) {
+      g_begin[g] = r;
+    } else {
+      TORCH_CHECK(g_end[g] == r, "native backend: the logit rows of group ", g, " are not contiguous");
+    }
+    g_end[g] = r + 1;
+  }
+  // Blocks: runs of consecutive groups (in row order) whose rows fit the tile budget together.
+  std::vector<int64_t> order;
+  for (int64_t g = 0; g < G; ++g) {
+    if (g_begin[g] >= 0) order.push_back(g);
+  }
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return g_begin[a] < g_begin[b]; });
+  const int64_t max_rows = rows_per_tile(tile_elements, L.V);
+  struct Block { int64_t first, last, r0, r1; };  // groups order[first..last), rows [r0, r1)
+  std::vector<Block> blocks;
+  int64_t buf_rows = 1;
+  for (size_t i = 0; i < order.size();) {
+    size_t j = i + 1;
+    while (j < order.size() && g_end[order[j]] - g_begin[order[i]] <= max_rows) ++j;
+    const int64_t rows = g_end[order[j - 1]] - g_begin[order[i]];
+    blocks.push_back({static_cast<int64_t>(i), static_cast<int64_t>(j), g_begin[order[i]], g_end[order[j - 1]]});
+    buf_rows = std::max(buf_rows, std::min(rows, max_rows));
+    i = j;
+  }
+
+  at::Tensor loss = at::zeros({G}, f32), logps = at::zeros({G, C}, f32);
+  at::Tensor lse = at::empty({L.Nr}, f32), sum = at::empty({L.Nr}, f32), tok = at::empty({L.N}, f32);
+  at::Tensor g_t = at::zeros({L.N}, f32), grad = at::zeros({G, C}, f32), scale = at::empty({L.Nr}, f32);
+  auto [dh, dw] = new_grads(L, need_h, need_w);
+  at::Tensor buf = at::empty({buf_rows, L.V}, f32);
+  float *lp = logps.data_ptr<float>(), *gr = grad.data_ptr<float>(), *gt = g_t.data_ptr<float>();
+  float *tk = tok.data_ptr<float>(), *ls = loss.data_ptr<float>();
+  const float* rf = ref.data_ptr<float>();
+  const bool* mk = mask.data_ptr<bool>();
+  const int64_t* ln = lens.data_ptr<int64_t>();
+
+  // Log-probs, loss and per-target dL/dlogp of the groups of rows [r0, r1) once their tokens are scored.
+  auto finish_groups = [&](const Block& b) {
+    for (int64_t t = L.row_ptr[b.r0]; t < L.row_ptr[b.r1]; ++t) lp[L.target_cands[t]] += tk[t];
+    for (int64_t i = b.first; i < b.last; ++i) {
+      const int64_t g = order[i];
+      TORCH_CHECK(mk[g * C] && ln[g * C] >= 1, "native backend: group ", g, " has no chosen candidate");
+      ls[g] = group_loss_grad(lp + g * C, rf + g * C, mk + g * C, ln + g * C, C, beta, sft_weight, gr + g * C);
+    }
+    for (int64_t t = L.row_ptr[b.r0]; t < L.row_ptr[b.r1]; ++t) gt[t] = gr[L.target_cands[t]];
+  };
+
+  for (const Block& b : blocks) {
+    const int64_t n = b.r1 - b.r0;
+    if (n <= max_rows) {  // whole groups in one tile: no recompute
+      at::Tensor tile = buf.narrow(0, 0, n);
+      forward_rows(L, h, w, b.r0, n, tile, lse.data_ptr<float>(), sum.data_ptr<float>(), tk);
+      finish_groups(b);
+      if (!need_h && !need_w) continue;
+      rows_fused_grad(tile.data_ptr<float>(), n, L.V, L.row_ptr + b.r0, L.target_ids, gt, sum.data_ptr<float>() + b.r0,
+                      scale.data_ptr<float>() + b.r0, threads());
+      gradient_gemms(h, w, b.r0, n, tile, scale, dh, dw);
+    } else {  // one group larger than the budget: score it chunk by chunk, then recompute
+      for (int64_t a = b.r0; a < b.r1; a += max_rows) {
+        const int64_t m = std::min(max_rows, b.r1 - a);
+        at::Tensor tile = buf.narrow(0, 0, m);
+        forward_rows(L, h, w, a, m, tile, lse.data_ptr<float>(), sum.data_ptr<float>(), tk);
+      }
+      finish_groups(b);
+      if (!need_h && !need_w) continue;
+      recompute_backward(L, h, w, b.r0, b.r1, lse.data_ptr<float>(), gt, buf, max_rows, dh, dw);
+    }
+  }
+  // Groups without logit rows (not produced by pack_groups) still get their loss from zero log-probs.
+  for (int64_t g = 0; g < G; ++g) {
+    if (g_begin[g] < 0) ls[g] = group_loss_grad(lp + g * C, rf + g * C, mk + g * C, ln + g * C, C, beta, sft_weight, gr + g * C);
+  }
+  return {loss, logps, dh, dw};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "sdpo_fast native CPU kernels (fused log-probs and S-DPO loss); see csrc/sdpo_native.cpp";
+  m.def("logprobs_forward", &logprobs_forward, "(h, w, row_ptr, target_ids, target_candidates, num_cands, tile_elements) -> (lse, logps)");
+  m.def("logprobs_backward", &logprobs_backward,
+        "(h, w, row_ptr, target_ids, target_candidates, lse, grad_logps, need_h, need_w, tile_elements) -> (dh, dw)");
+  m.def("sdpo_loss", &sdpo_loss,
+        "(h, w, row_ptr, target_ids, target_candidates, ref_logps, mask, lens, beta, sft_weight, need_h, need_w, "
+        "tile_elements) -> (loss_g, logps, dh, dw)");
+}
