@@ -8,7 +8,7 @@ from .attention import enable_shared_prefix, packed_forward
 from .logprobs import sequence_logprobs
 from .packing import PackedBatch
 
-__all__ = ["candidate_logprobs", "unwrap_causal_lm", "output_weight"]
+__all__ = ["candidate_logprobs", "candidate_sdpo_loss", "unwrap_causal_lm", "output_weight"]
 
 # Configs whose logits are not a plain ``hidden @ lm_head.weight.T``.
 _UNSUPPORTED_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
@@ -43,13 +43,43 @@ def output_weight(lm) -> torch.Tensor:
     return head.weight
 
 
+def _final_hidden(lm, batch: PackedBatch, backend: str) -> torch.Tensor:
+    """``[R, L, D]`` final hidden states of the packed batch through shared-prefix attention."""
+    enable_shared_prefix(lm)
+    with packed_forward():
+        out = lm.get_decoder()(
+            input_ids=batch.input_ids,
+            position_ids=batch.position_ids,
+            use_cache=False,
+            sdpo_batch=batch,
+            sdpo_attention_backend=_attention_backend_for(backend),
+        )
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+def _through_lm_head(lm, fn, hidden):
+    """Call ``fn(hidden, lm_head.weight)`` as the ``lm_head`` module's forward.
+
+    Reading ``lm_head.weight`` directly under DeepSpeed ZeRO-3 gives an empty shard, and a plain
+    ``GatheredParameters`` block drops the gradient when it re-partitions. Running the op as the
+    module's own forward lets ZeRO-3's module hooks gather the weight for the forward and again for
+    the backward, and reduce-scatter its gradient into the partitioned parameter as for any Linear.
+    """
+    head = lm.get_output_embeddings()
+    head.forward = lambda h: fn(h, head.weight)
+    try:
+        return head(hidden)
+    finally:
+        del head.forward  # back to the class's forward
+
+
 def candidate_logprobs(model, batch: PackedBatch, backend: str = "auto") -> torch.Tensor:
     """Sequence log-probs of every candidate of every group, in one forward over the packed rows.
 
     Args:
         model: a HF causal LM (Llama, Mistral, Qwen2, GPT-NeoX, ...), optionally PEFT-wrapped or
-            inside a DeepSpeed engine. Its attention implementation is switched to ``"sdpo_fast"``
-            on first use (ordinary calls keep SDPA behaviour).
+            inside a DeepSpeed engine (ZeRO-3 included). Its attention implementation is switched
+            to ``"sdpo_fast"`` on first use (ordinary calls keep SDPA behaviour).
         batch: from ``pack_groups``, on the model's device.
         backend: ``"auto"``, ``"triton"``, ``"native"`` or ``"torch"`` for the log-prob op; attention
             uses the same backend where one is registered, else the torch reference.
@@ -58,22 +88,48 @@ def candidate_logprobs(model, batch: PackedBatch, backend: str = "auto") -> torc
         ``[G, C]`` float32, 0 where ``batch.candidate_mask`` is False; differentiable when grad is on.
     """
     lm = unwrap_causal_lm(model)
-    weight = output_weight(lm)
-    enable_shared_prefix(lm)
-    attention_backend = backend if backend in ("auto", "torch") else _attention_backend_for(backend)
-    with packed_forward():
-        out = lm.get_decoder()(
-            input_ids=batch.input_ids,
-            position_ids=batch.position_ids,
-            use_cache=False,
-            sdpo_batch=batch,
-            sdpo_attention_backend=attention_backend,
-        )
-    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-    return sequence_logprobs(hidden, weight, batch, backend=backend)
+    output_weight(lm)
+    hidden = _final_hidden(lm, batch, backend)
+    return _through_lm_head(lm, lambda h, w: sequence_logprobs(h, w, batch, backend=backend), hidden)
+
+
+def candidate_sdpo_loss(
+    model,
+    batch: PackedBatch,
+    ref_logps: torch.Tensor,
+    *,
+    beta: float = 1.0,
+    sft_weight: float = 0.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+):
+    """``fused_sdpo_loss`` on the model's packed forward: the training loss of one S-DPO step.
+
+    Args:
+        model, batch, backend: as for ``candidate_logprobs``.
+        ref_logps: ``[G, C]`` reference log-probs (``candidate_logprobs`` of the reference model).
+        beta, sft_weight, reduction: as for ``sdpo_fast.loss.fused_sdpo_loss``.
+
+    Returns:
+        ``(loss, metrics)`` as ``fused_sdpo_loss``.
+    """
+    from .fused_loss import fused_sdpo_loss
+
+    lm = unwrap_causal_lm(model)
+    output_weight(lm)
+    hidden = _final_hidden(lm, batch, backend)
+    return _through_lm_head(
+        lm,
+        lambda h, w: fused_sdpo_loss(
+            h, w, batch, ref_logps, beta=beta, sft_weight=sft_weight, reduction=reduction, backend=backend
+        ),
+        hidden,
+    )
 
 
 def _attention_backend_for(backend: str) -> str:
     from . import backends
 
+    if backend in ("auto", "torch"):
+        return backend
     return backend if backend in backends.available("attention") else "torch"

@@ -181,3 +181,26 @@ def test_sliding_window_too_short_is_refused():
     batch = sdpo_fast.pack_groups([([1, 2, 3, 4], [[5, 6], [7]])])
     with pytest.raises(NotImplementedError, match="sliding window"):
         sdpo_fast.candidate_logprobs(model, batch, backend="torch")
+
+
+@pytest.mark.parametrize("sft_weight", [0.0, 0.3])
+def test_candidate_sdpo_loss_matches_naive(sft_weight):
+    torch.manual_seed(6)
+    model = tiny("llama")
+    naive = copy.deepcopy(model)
+    naive.set_attn_implementation("eager")
+    groups = random_groups(7)
+    batch = sdpo_fast.pack_groups(groups)
+    ref = -torch.rand(batch.candidate_mask.shape) * 10
+    loss, metrics = sdpo_fast.candidate_sdpo_loss(model, batch, ref, beta=0.5, sft_weight=sft_weight, backend="torch")
+    loss.backward()
+    want = naive_logprobs(naive, groups, batch.num_candidates)
+    mask = batch.candidate_mask
+    expected = sdpo_loss(want[:, 0], want[:, 1:], ref[:, 0], ref[:, 1:], beta=0.5, rejected_mask=mask[:, 1:], reduction="none")
+    expected = (expected - sft_weight * want[:, 0] / batch.candidate_lens[:, 0]).mean()
+    expected.backward()
+    assert abs(loss.item() - expected.item()) < 1e-4 * max(1.0, abs(expected.item()))
+    assert rel_err(metrics["logps"][mask], want.detach()[mask]) < 1e-4
+    named = dict(naive.named_parameters())
+    for name, p in model.named_parameters():
+        assert rel_err(p.grad, named[name].grad) < 1e-3, name
