@@ -27,7 +27,7 @@ from .negatives import hard_negatives, random_negatives
 from .prompts import TEMPLATES, completion_text, format_prompt
 from .sequences import examples_from_sequences, splits_from_sequences
 from .synthetic import make_synthetic
-from .tokenize import TOKENIZED_COLUMNS, build_tokenizer, tokenize_dataset, tokenize_example
+from .tokenize import TOKENIZED_COLUMNS, build_tokenizer, tokenize_dataset, tokenize_example, tokenize_examples
 
 __all__ = [
     "DOMAINS",
@@ -59,4 +59,5 @@ __all__ = [
     "stable_seed",
     "tokenize_dataset",
     "tokenize_example",
+    "tokenize_examples",
 ]

@@ -8,7 +8,7 @@ shuffled) and the target title. Titles are plain strings after the loader's clea
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 __all__ = ["DOMAINS", "RecExample", "DatasetSplits", "stable_seed"]
@@ -76,10 +76,15 @@ class RecExample:
         return self.candidates.index(self.target)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["history"] = list(self.history)
-        d["candidates"] = list(self.candidates)
-        return d
+        return {
+            "user_id": self.user_id,
+            "history": list(self.history),
+            "candidates": list(self.candidates),
+            "target": self.target,
+            "domain": self.domain,
+            "timestamp": self.timestamp,
+            "example_id": self.example_id,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "RecExample":

@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 from .examples import DatasetSplits, RecExample
 from .prompts import TEMPLATES, completion_text, format_prompt
 
-__all__ = ["build_tokenizer", "tokenize_example", "tokenize_dataset", "TOKENIZED_COLUMNS"]
+__all__ = ["build_tokenizer", "tokenize_example", "tokenize_examples", "tokenize_dataset", "TOKENIZED_COLUMNS"]
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
@@ -99,47 +99,84 @@ def tokenize_example(
     max_candidate_tokens: int | None = None,
     seed: int = 0,
     template: int | None = None,
+    title_cache: dict | None = None,
 ) -> dict:
     """Token ids of one example (module docstring for the truncation rules).
 
     Returns a dict with the ``TOKENIZED_COLUMNS`` keys.
+    """
+    return tokenize_examples(
+        [example],
+        tokenizer,
+        max_prompt_tokens=max_prompt_tokens,
+        max_candidate_tokens=max_candidate_tokens,
+        seed=seed,
+        template=template,
+        title_cache=title_cache,
+    )[0]
+
+
+def tokenize_examples(
+    examples: Sequence[RecExample],
+    tokenizer,
+    *,
+    max_prompt_tokens: int | None = None,
+    max_candidate_tokens: int | None = None,
+    seed: int = 0,
+    template: int | None = None,
+    title_cache: dict | None = None,
+) -> list[dict]:
+    """``tokenize_example`` for many examples, encoding the prompts in one batched call.
+
+    ``title_cache`` (title -> ids of ``" " + title``), when given, is read and filled: catalogs repeat
+    the same titles in every example.
     """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id (candidates end with EOS)")
     if max_candidate_tokens is not None and max_candidate_tokens < 2:
         raise ValueError(f"max_candidate_tokens must be >= 2 (one title token + EOS), got {max_candidate_tokens}")
-    cands = _encode(tokenizer, [completion_text(c) for c in example.candidates])
-    cut = 0
-    out = []
-    for ids in cands:
-        if not ids:
-            raise ValueError(f"example {example.example_id}: a candidate title encodes to no tokens")
-        if max_candidate_tokens is not None and len(ids) + 1 > max_candidate_tokens:
-            ids = ids[: max_candidate_tokens - 1]
-            cut += 1
-        out.append(ids + [eos])
-    history = list(example.history)
-    while True:
-        prompt = _encode(tokenizer, [format_prompt(example, seed=seed, template=template, history=history)])[0]
-        if max_prompt_tokens is None or len(prompt) <= max_prompt_tokens:
-            break
-        if len(history) <= 1:
-            raise ValueError(
-                f"example {example.example_id}: the prompt needs {len(prompt)} tokens with "
-                f"{len(history)} history item(s) and all {len(example.candidates)} candidates, more than "
-                f"max_prompt_tokens={max_prompt_tokens}"
-            )
-        history = history[1:]  # drop the oldest
-    return {
-        "prompt_ids": prompt,
-        "candidate_ids": out,
-        "target_index": example.target_index,
-        "prompt_len": len(prompt),
-        "candidate_lens": [len(c) for c in out],
-        "history_used": len(history),
-        "num_truncated_candidates": cut,
-    }
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+    title_cache = {} if title_cache is None else title_cache
+    missing = sorted({c for ex in examples for c in ex.candidates if c not in title_cache})
+    if missing:
+        title_cache.update(zip(missing, _encode(tokenizer, [completion_text(c) for c in missing])))
+    prompts = _encode(tokenizer, [format_prompt(ex, seed=seed, template=template) for ex in examples])
+    results = []
+    for ex, prompt in zip(examples, prompts):
+        cut = 0
+        cands = []
+        for title in ex.candidates:
+            ids = title_cache[title]
+            if not ids:
+                raise ValueError(f"example {ex.example_id}: candidate {title!r} encodes to no tokens")
+            if max_candidate_tokens is not None and len(ids) + 1 > max_candidate_tokens:
+                ids = ids[: max_candidate_tokens - 1]
+                cut += 1
+            cands.append(list(ids) + [eos])
+        history = list(ex.history)
+        while max_prompt_tokens is not None and len(prompt) > max_prompt_tokens:
+            if len(history) <= 1:
+                raise ValueError(
+                    f"example {ex.example_id}: the prompt needs {len(prompt)} tokens with "
+                    f"{len(history)} history item(s) and all {len(ex.candidates)} candidates, more than "
+                    f"max_prompt_tokens={max_prompt_tokens}"
+                )
+            history = history[1:]  # drop the oldest
+            prompt = _encode(tokenizer, [format_prompt(ex, seed=seed, template=template, history=history)])[0]
+        results.append(
+            {
+                "prompt_ids": prompt,
+                "candidate_ids": cands,
+                "target_index": ex.target_index,
+                "prompt_len": len(prompt),
+                "candidate_lens": [len(c) for c in cands],
+                "history_used": len(history),
+                "num_truncated_candidates": cut,
+            }
+        )
+    return results
 
 
 def _tokenizer_hash(tokenizer) -> str:
@@ -194,11 +231,13 @@ def tokenize_dataset(
             return datasets.Dataset.from_file(cache_file)
     ds = datasets.Dataset.from_list(rows)
 
+    title_cache: dict = {}
+
     def fn(batch):
         cols = {c: [] for c in TOKENIZED_COLUMNS}
-        for i in range(len(batch["idx"])):
-            ex = RecExample.from_dict({k: batch[k][i] for k in batch})
-            for c, v in tokenize_example(ex, tokenizer, **options).items():
+        exs = [RecExample.from_dict({k: batch[k][i] for k in batch}) for i in range(len(batch["idx"]))]
+        for row in tokenize_examples(exs, tokenizer, title_cache=title_cache, **options):
+            for c, v in row.items():
                 cols[c].append(v)
         return cols
 
