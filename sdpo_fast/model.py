@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .attention import enable_shared_prefix, packed_forward
@@ -57,6 +59,20 @@ def _final_hidden(lm, batch: PackedBatch, backend: str) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
 
+@contextlib.contextmanager
+def _forward_replaced(module, fn):
+    """Within the context, calling ``module`` runs ``fn`` (with the module's hooks) instead of its forward."""
+    previous = module.__dict__.get("forward")
+    module.forward = fn
+    try:
+        yield module
+    finally:
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
+
+
 def _through_lm_head(lm, fn, hidden):
     """Call ``fn(hidden, lm_head.weight)`` as the ``lm_head`` module's forward.
 
@@ -66,11 +82,21 @@ def _through_lm_head(lm, fn, hidden):
     the backward, and reduce-scatter its gradient into the partitioned parameter as for any Linear.
     """
     head = lm.get_output_embeddings()
-    head.forward = lambda h: fn(h, head.weight)
-    try:
+    with _forward_replaced(head, lambda h: fn(h, head.weight)):
         return head(hidden)
-    finally:
-        del head.forward  # back to the class's forward
+
+
+def _is_engine(model) -> bool:
+    return type(model).__name__ == "DeepSpeedEngine"
+
+
+def _run(model, lm, fn):
+    """``fn()``; for a DeepSpeed engine, run as the engine's forward (``engine()`` -> ... -> ``lm.forward``)
+    so ZeRO's per-forward bookkeeping and backward prologue (loss scaling, gradient accumulation) run."""
+    if not _is_engine(model):
+        return fn()
+    with _forward_replaced(lm, lambda *args, **kwargs: fn()):
+        return model()
 
 
 def candidate_logprobs(model, batch: PackedBatch, backend: str = "auto") -> torch.Tensor:
@@ -89,8 +115,12 @@ def candidate_logprobs(model, batch: PackedBatch, backend: str = "auto") -> torc
     """
     lm = unwrap_causal_lm(model)
     output_weight(lm)
-    hidden = _final_hidden(lm, batch, backend)
-    return _through_lm_head(lm, lambda h, w: sequence_logprobs(h, w, batch, backend=backend), hidden)
+
+    def run():
+        hidden = _final_hidden(lm, batch, backend)
+        return _through_lm_head(lm, lambda h, w: sequence_logprobs(h, w, batch, backend=backend), hidden)
+
+    return _run(model, lm, run)
 
 
 def candidate_sdpo_loss(
@@ -117,14 +147,11 @@ def candidate_sdpo_loss(
 
     lm = unwrap_causal_lm(model)
     output_weight(lm)
-    hidden = _final_hidden(lm, batch, backend)
-    return _through_lm_head(
-        lm,
-        lambda h, w: fused_sdpo_loss(
-            h, w, batch, ref_logps, beta=beta, sft_weight=sft_weight, reduction=reduction, backend=backend
-        ),
-        hidden,
-    )
+
+    def loss_of(h, w):
+        return fused_sdpo_loss(h, w, batch, ref_logps, beta=beta, sft_weight=sft_weight, reduction=reduction, backend=backend)
+
+    return _run(model, lm, lambda: _through_lm_head(lm, loss_of, _final_hidden(lm, batch, backend)))
 
 
 def _attention_backend_for(backend: str) -> str:
