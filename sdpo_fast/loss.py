@@ -110,7 +110,8 @@ def sdpo_metrics(
     chosen_rewards = beta * (chosen_logps.float() - ref_chosen_logps.float())
     rejected_rewards = beta * (rejected_logps.float() - ref_rejected_logps.float())
     valid = torch.ones_like(rejected_rewards, dtype=torch.bool) if rejected_mask is None else rejected_mask
-    best_negative = rejected_rewards.masked_fill(~valid, float("-inf")).amax(dim=1)
+    masked = rejected_rewards.masked_fill(~valid, float("-inf"))
+    best_negative = masked.amax(dim=1) if masked.shape[1] else masked.new_full(masked.shape[:1], float("-inf"))
     return {
         "chosen_rewards": chosen_rewards,
         "rejected_rewards": rejected_rewards.masked_fill(~valid, float("nan")),

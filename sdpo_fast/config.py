@@ -1,0 +1,161 @@
+"""Command-line and file configuration of ``train.py``.
+
+Three dataclasses parsed by ``transformers.HfArgumentParser``. ``--config FILE`` (YAML or JSON, flat
+keys of any of the three) sets defaults; flags given on the command line override it. Everything
+that can be checked before work starts is checked in ``validate`` (model-dependent checks such as
+LoRA target names happen right after the model is built, before data is touched).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field, fields
+
+from transformers import HfArgumentParser
+
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "local HF causal LM (and tokenizer); default: a tiny Llama built from a config"}
+    )
+    tiny_layers: int = field(default=2, metadata={"help": "tiny default model: decoder layers"})
+    tiny_hidden: int = field(default=128, metadata={"help": "tiny default model: hidden size"})
+    tiny_heads: int = field(default=4, metadata={"help": "tiny default model: attention heads"})
+    tiny_kv_heads: int = field(default=2, metadata={"help": "tiny default model: KV heads (GQA)"})
+    tokenizer_vocab: int = field(default=1024, metadata={"help": "tiny default model: tokenizer vocabulary size"})
+    lora: bool = field(default=False, metadata={"help": "train LoRA adapters (peft) instead of all parameters"})
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: str = field(default=LORA_TARGETS, metadata={"help": "comma-separated module names"})
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(
+        default="synthetic", metadata={"help": "synthetic | movielens | lastfm | goodreads | path to a .jsonl"}
+    )
+    data_path: str | None = field(default=None, metadata={"help": "folder or file of the dataset"})
+    titles_path: str | None = field(default=None, metadata={"help": "Goodreads: book titles file"})
+    data_seed: int = 0
+    num_negatives: int = field(default=3, metadata={"help": "K negatives per group in S-DPO (dpo stage: 1)"})
+    negatives: str = field(default="random", metadata={"help": "random | hard (the policy's top-scored)"})
+    max_prompt_tokens: int = 512
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = field(default=200, metadata={"help": "users evaluated per split (None: all)"})
+    cache_dir: str | None = field(default=None, metadata={"help": "datasets.map cache (default: <output_dir>/cache)"})
+
+
+@dataclass
+class TrainArguments:
+    config: str | None = field(default=None, metadata={"help": "YAML/JSON file of defaults for any flag"})
+    stage: str = field(default="all", metadata={"help": "sft | sdpo | dpo (sdpo with K=1) | all (sft then sdpo)"})
+    output_dir: str = "outputs/default"
+    seed: int = 0
+    sft_epochs: float = 2.0
+    sdpo_epochs: float = 1.0
+    sft_learning_rate: float = 2e-3
+    sdpo_learning_rate: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    batch_size: int = field(default=16, metadata={"help": "groups per optimizer step on each rank"})
+    beta: float = 1.0
+    sft_weight: float = field(default=0.0, metadata={"help": "extra SFT term in S-DPO (chosen's mean token NLL)"})
+    reference: str = field(
+        default="precompute",
+        metadata={"help": "precompute (one pass before S-DPO, cached) | live (LoRA: adapters disabled)"},
+    )
+    backend: str = field(default="auto", metadata={"help": "auto | triton | native | torch"})
+    deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config (see configs/)"})
+    local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
+    bf16: bool | None = field(default=None, metadata={"help": "default: on for CUDA, off on CPU"})
+    save_steps: int = field(default=0, metadata={"help": "checkpoint every N optimizer steps (0: end of stage only)"})
+    resume_from_checkpoint: str | None = None
+    max_steps: int | None = field(default=None, metadata={"help": "stop each stage after this many steps"})
+    eval: str = field(default="ranking", metadata={"help": "none | ranking | generation | both"})
+    eval_untrained: bool = field(default=True, metadata={"help": "evaluate before training as a baseline"})
+    log_every: int = 1
+
+
+ALL_ARGS = (ModelArguments, DataArguments, TrainArguments)
+
+
+def _read_config_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise SystemExit(f"--config: no such file {path}")
+    with open(path) as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise SystemExit(f"--config {path}: expected a mapping of flag names to values")
+    known = {f.name for cls in ALL_ARGS for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SystemExit(f"--config {path}: unknown keys {unknown}")
+    return data
+
+
+def parse_args(argv=None):
+    """``(ModelArguments, DataArguments, TrainArguments)`` from ``--config`` and the command line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(ALL_ARGS)
+    defaults = {}
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            defaults = _read_config_file(argv[i + 1])
+        elif a.startswith("--config="):
+            defaults = _read_config_file(a.split("=", 1)[1])
+    parser.set_defaults(**defaults)
+    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
+    validate(model_args, data_args, train_args)
+    return model_args, data_args, train_args
+
+
+def validate(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> None:
+    """Errors that need no model or data, raised before any work (``SystemExit`` with a message)."""
+    problems = []
+    if train_args.stage not in ("sft", "sdpo", "dpo", "all"):
+        problems.append(f"--stage must be sft, sdpo, dpo or all, got {train_args.stage!r}")
+    if train_args.stage == "dpo":
+        data_args.num_negatives = 1
+    if data_args.num_negatives < 1 and train_args.stage != "sft":
+        problems.append(f"--num_negatives must be >= 1 for S-DPO, got {data_args.num_negatives}")
+    if data_args.num_negatives > 19 and data_args.dataset != "synthetic" and not data_args.dataset.endswith(".jsonl"):
+        problems.append(f"--num_negatives {data_args.num_negatives}: the paper's datasets have 19 negatives per user")
+    if data_args.negatives not in ("random", "hard"):
+        problems.append(f"--negatives must be random or hard, got {data_args.negatives!r}")
+    if train_args.reference not in ("precompute", "live"):
+        problems.append(f"--reference must be precompute or live, got {train_args.reference!r}")
+    if train_args.reference == "live" and not (model_args.lora and train_args.stage in ("sdpo", "dpo")):
+        problems.append(
+            "--reference live needs --lora and --stage sdpo/dpo (the reference is the policy with adapters "
+            "disabled, i.e. the starting model); --stage all uses --reference precompute"
+        )
+    if train_args.backend not in ("auto", "triton", "native", "torch"):
+        problems.append(f"--backend must be auto, triton, native or torch, got {train_args.backend!r}")
+    if train_args.eval not in ("none", "ranking", "generation", "both"):
+        problems.append(f"--eval must be none, ranking, generation or both, got {train_args.eval!r}")
+    if train_args.batch_size < 1:
+        problems.append("--batch_size must be >= 1")
+    if train_args.deepspeed is not None and not os.path.isfile(train_args.deepspeed):
+        problems.append(f"--deepspeed: no such file {train_args.deepspeed}")
+    if data_args.dataset != "synthetic":
+        path = data_args.data_path or (data_args.dataset if os.path.exists(data_args.dataset) else None)
+        if path is None or not os.path.exists(path):
+            problems.append(f"--dataset {data_args.dataset}: data not found (give --data_path; got {data_args.data_path})")
+    if train_args.resume_from_checkpoint is not None and not os.path.isdir(train_args.resume_from_checkpoint):
+        problems.append(f"--resume_from_checkpoint: no such folder {train_args.resume_from_checkpoint}")
+    if problems:
+        raise SystemExit("configuration error:\n  " + "\n  ".join(problems))

@@ -1,0 +1,225 @@
+"""The training runtime: one process or a DeepSpeed engine behind the same few calls.
+
+``Runtime`` owns the model (wrapped in a DeepSpeed engine when ``--deepspeed`` is given), the
+optimizer, the learning-rate schedule, checkpoints and the final export, so the training loop in
+``sdpo_fast.train`` reads the same with and without DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .model import unwrap_causal_lm
+
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if is_distributed() else 1
+
+
+def all_mean(values: dict[str, float]) -> dict[str, float]:
+    """Mean of each float over ranks (identity in one process)."""
+    if not is_distributed():
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return {k: v / world_size() for k, v in zip(keys, t.tolist())}
+
+
+def all_gather_rows(t: torch.Tensor, n_total: int) -> torch.Tensor:
+    """Concatenate rank-major shards of equal size ``[n, ...]`` and keep the first ``n_total`` rows."""
+    if not is_distributed():
+        return t[:n_total]
+    parts = [torch.empty_like(t) for _ in range(world_size())]
+    torch.distributed.all_gather(parts, t.contiguous())
+    return torch.cat(parts)[:n_total]
+
+
+def barrier():
+    if is_distributed():
+        torch.distributed.barrier()
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Schedule:
+    """Linear warm-up then linear decay to 0 over ``total`` steps, peaking at ``peak``."""
+
+    peak: float
+    total: int
+    warmup_ratio: float
+
+    def __call__(self, step: int) -> float:
+        warmup = max(1, int(round(self.total * self.warmup_ratio)))
+        if step < warmup:
+            return self.peak * (step + 1) / warmup
+        return self.peak * max(0.0, (self.total - step) / max(1, self.total - warmup))
+
+
+class Runtime:
+    """Model + optimizer, plain PyTorch or DeepSpeed.
+
+    Args:
+        model: the HF model (PEFT-wrapped for LoRA).
+        deepspeed_config: path to a DeepSpeed JSON (its "auto" fields are filled here) or None.
+        batch_size: groups per rank per step (DeepSpeed's micro batch).
+        max_grad_norm, weight_decay, bf16: optimizer settings.
+    """
+
+    def __init__(self, model, *, deepspeed_config, batch_size, max_grad_norm, weight_decay, bf16, device):
+        self.max_grad_norm = max_grad_norm
+        self.device = device
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=weight_decay)
+        self.engine = None
+        if deepspeed_config is not None:
+            import deepspeed
+
+            with open(deepspeed_config) as f:
+                cfg = json.load(f)
+            cfg["train_micro_batch_size_per_gpu"] = batch_size
+            cfg["gradient_accumulation_steps"] = 1
+            cfg["train_batch_size"] = batch_size * world_size()
+            cfg["gradient_clipping"] = max_grad_norm
+            cfg.setdefault("bf16", {})["enabled"] = bool(bf16)
+            cfg.pop("fp16", None)
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
+            self.model = self.engine
+        else:
+            self.model = model.to(device)
+            self.optimizer = optimizer
+        self.stage3 = self.engine is not None and self.engine.zero_optimization_stage() == 3
+
+    @property
+    def module(self):
+        """The HF model (PEFT wrapper included), without the engine."""
+        return self.engine.module if self.engine is not None else self.model
+
+    def train(self, mode: bool = True):
+        self.model.train(mode)
+
+    def backward_and_step(self, loss: torch.Tensor, lr: float) -> float:
+        """Backward, clip, optimizer step at learning rate ``lr``; returns the gradient norm."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.engine is not None:
+            self.engine.backward(loss)
+            self.engine.step()
+            norm = self.engine.get_global_grad_norm()
+            return float(norm) if norm is not None else float("nan")
+        loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def reset_optimizer_state(self) -> None:
+        """Fresh Adam moments for a new stage (as if S-DPO were a new run from the SFT weights)."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        inner.state.clear()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, path: str, client_state: dict) -> None:
+        """Model, optimizer, RNG and ``client_state`` (data position, stage, step) under ``path``."""
+        client_state = dict(client_state, rng=rng_state())
+        if self.engine is not None:
+            self.engine.save_checkpoint(path, tag="state", client_state=client_state)
+        elif rank() == 0:
+            os.makedirs(path, exist_ok=True)
+            trainable = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+            torch.save(
+                {"trainable": trainable, "optimizer": self.optimizer.state_dict(), "client_state": client_state},
+                os.path.join(path, "state.pt"),
+            )
+        barrier()
+
+    def load_checkpoint(self, path: str) -> dict:
+        if self.engine is not None:
+            _, client_state = self.engine.load_checkpoint(path, tag="state")
+        else:
+            state = torch.load(os.path.join(path, "state.pt"), map_location=self.device, weights_only=False)
+            named = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for n, t in state["trainable"].items():
+                    named[n].copy_(t)
+            self.optimizer.load_state_dict(state["optimizer"])
+            client_state = state["client_state"]
+        set_rng_state(client_state.pop("rng"))
+        return client_state
+
+    # ------------------------------------------------------------------ export
+
+    def export(self, path: str, tokenizer, base_path: str | None = None) -> None:
+        """Write a reloadable model (HF ``save_pretrained``) or LoRA adapter under ``path``.
+
+        Under ZeRO-3 the parameters are gathered first, so the files hold real weights. For a LoRA
+        model whose base weights exist nowhere on disk (the tiny default), the base model is written
+        to ``base_path`` so ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), path)``
+        works.
+        """
+        module = self.module
+        gathered = _gathered(module) if self.stage3 else contextlib.nullcontext()
+        with gathered:
+            if rank() == 0:
+                os.makedirs(path, exist_ok=True)
+                if hasattr(module, "peft_config"):
+                    module.save_pretrained(path)
+                    if base_path is not None:
+                        lm = unwrap_causal_lm(module)
+                        with module.disable_adapter():
+                            base_state = {
+                                k.replace(".base_layer", ""): v
+                                for k, v in lm.state_dict().items()
+                                if "lora_" not in k
+                            }
+                        lm.save_pretrained(base_path, state_dict=base_state)
+                        tokenizer.save_pretrained(base_path)
+                else:
+                    module.save_pretrained(path)
+                tokenizer.save_pretrained(path)
+        barrier()
+
+
+def _gathered(module):
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
