@@ -1,0 +1,268 @@
+"""The "native" backend (csrc/ C++ CPU kernels) against an fp64 per-candidate reference, the torch
+backend and (when registered) the Triton backend under the interpreter."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sdpo_fast
+from sdpo_fast import backends
+from sdpo_fast.loss import fused_sdpo_loss, sdpo_loss
+
+if os.environ.get("SDPO_FAST_NO_EXT", "0") not in ("", "0"):
+    pytest.skip("SDPO_FAST_NO_EXT is set: the native extension is deliberately absent", allow_module_level=True)
+
+# Without the flag the extension must load (a broken build fails here instead of skipping).
+import sdpo_fast.native  # noqa: E402,F401
+
+V, D = 257, 60
+
+
+def random_groups(seed, n_groups=4, vocab=V, max_k=5, max_len=4):
+    """Variable K (0 negatives included), candidates of length 1, prompts of 1..8 tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = []
+    for _ in range(n_groups):
+        P = int(torch.randint(1, 9, (1,), generator=gen))
+        K = int(torch.randint(0, max_k + 1, (1,), generator=gen))
+        cands = [torch.randint(0, vocab, (int(torch.randint(1, max_len + 1, (1,), generator=gen)),), generator=gen).tolist()
+                 for _ in range(K + 1)]
+        groups.append((torch.randint(0, vocab, (P,), generator=gen).tolist(), cands))
+    return groups
+
+
+def naive_logps(hidden, weight, groups, batch):
+    """[G, C] fp64: each candidate's tokens scored one by one from full log-softmax rows (no CSR layout)."""
+    logp = (hidden.double() @ weight.double().T).log_softmax(-1)
+    out = [[hidden.new_zeros((), dtype=torch.float64)] * batch.num_candidates for _ in groups]
+    for gi, (prompt, cands) in enumerate(groups):
+        start = int(batch.group_starts[gi])
+        pos = start + len(prompt)
+        for j, c in enumerate(cands):
+            prev = start + len(prompt) - 1
+            for i, tok in enumerate(c):
+                out[gi][j] = out[gi][j] + logp[prev, tok]
+                prev = pos + i
+            pos += len(c)
+    return torch.stack([torch.stack(row) for row in out])
+
+
+def naive_loss(logps, ref, batch, beta, sft_weight):
+    mask = batch.candidate_mask
+    loss = sdpo_loss(logps[:, 0], logps[:, 1:], ref[:, 0], ref[:, 1:], beta=beta, rejected_mask=mask[:, 1:])
+    return loss + sft_weight * (-logps[:, 0] / batch.candidate_lens[:, 0]).mean()
+
+
+def leaves(T, dtype=torch.float32, scale=1.0, seed=0, frozen=False):
+    gen = torch.Generator().manual_seed(seed)
+    h = (torch.randn(T, D, generator=gen) * scale).to(dtype).requires_grad_(True)
+    w = torch.randn(V, D, generator=gen).to(dtype).requires_grad_(not frozen)
+    return h, w
+
+
+def fp64_copies(h, w):
+    return h.detach().double().requires_grad_(True), w.detach().double().requires_grad_(w.requires_grad)
+
+
+def num_tokens(batch):
+    return batch.shape[0] * batch.shape[1]
+
+
+# tile_elements: default (whole batch in one tile), one row per tile, a few rows per tile.
+@pytest.mark.parametrize("tile", [None, 1, V * 5])
+def test_logprobs_and_gradients_match_fp64(tile):
+    groups = random_groups(0)
+    batch = sdpo_fast.pack_groups(groups, pad_to_multiple_of=8)
+    h, w = leaves(num_tokens(batch))
+    got = sdpo_fast.sequence_logprobs(h, w, batch, backend="native", tile_elements=tile)
+    assert got.dtype == torch.float32 and got.shape == batch.candidate_mask.shape
+    upstream = torch.randn(got.shape)
+    (got * upstream).sum().backward()
+
+    h64, w64 = fp64_copies(h, w)
+    ref = naive_logps(h64, w64, groups, batch)
+    (ref * upstream.double()).sum().backward()
+    torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+    others = torch.ones(num_tokens(batch), dtype=torch.bool)
+    others[batch.logit_rows] = False
+    assert (h.grad[others] == 0).all()
+
+
+# tile_elements: every group in one tile (no recompute); ~6 rows (groups merged where they fit, the
+# larger ones recomputed); 1 (every group over budget: the recompute fallback throughout).
+@pytest.mark.parametrize("tile", [None, V * 6, 1])
+@pytest.mark.parametrize("beta,sft_weight", [(1.0, 0.0), (0.3, 0.5)])
+def test_fused_loss_and_gradients_match_fp64(tile, beta, sft_weight):
+    groups = random_groups(1, n_groups=5)
+    batch = sdpo_fast.pack_groups(groups, max_tokens_per_row=40)
+    h, w = leaves(num_tokens(batch), seed=1)
+    ref = torch.randn(batch.candidate_mask.shape, dtype=torch.float64) - 8.0
+
+    loss, metrics = fused_sdpo_loss(h, w, batch, ref.float(), beta=beta, sft_weight=sft_weight,
+                                    backend="native", tile_elements=tile)
+    loss.backward()
+    h64, w64 = fp64_copies(h, w)
+    logps64 = naive_logps(h64, w64, groups, batch)
+    loss64 = naive_loss(logps64, ref, batch, beta, sft_weight)
+    loss64.backward()
+    torch.testing.assert_close(loss.double(), loss64.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(metrics["logps"].double(), logps64.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_weight_both_ops():
+    groups = random_groups(2)
+    batch = sdpo_fast.pack_groups(groups)
+    h, w = leaves(num_tokens(batch), seed=2, frozen=True)
+    h64, w64 = fp64_copies(h, w)
+    ref = torch.randn(batch.candidate_mask.shape) - 6.0
+
+    loss, _ = fused_sdpo_loss(h, w, batch, ref, sft_weight=0.2, backend="native")
+    loss.backward()
+    naive_loss(naive_logps(h64, w64, groups, batch), ref.double(), batch, 1.0, 0.2).backward()
+    assert w.grad is None
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+
+    h.grad = h64.grad = None
+    sdpo_fast.sequence_logprobs(h, w, batch, backend="native").sum().backward()
+    naive_logps(h64, w64, groups, batch).sum().backward()
+    assert w.grad is None
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("sft_weight", [0.0, 0.4])
+def test_shared_rows_and_repeated_tokens(sft_weight):
+    """Candidates of one token (every target on the prompt's shared last row), repeated first tokens
+    and identical candidates; with sft_weight 0 the shared row's summed dL/dlogp is exactly 0."""
+    groups = [
+        ([5, 9, 2], [[7], [7], [11], [200], [7]]),
+        ([4], [[1, 2, 3], [1, 2], [1], [256, 0, 0, 0]]),
+        ([8, 8], [[3]]),
+    ]
+    batch = sdpo_fast.pack_groups(groups)
+    h, w = leaves(num_tokens(batch), seed=3)
+    ref = torch.randn(batch.candidate_mask.shape) - 6.0
+    loss, metrics = fused_sdpo_loss(h, w, batch, ref, sft_weight=sft_weight, backend="native")
+    loss.backward()
+    h64, w64 = fp64_copies(h, w)
+    logps64 = naive_logps(h64, w64, groups, batch)
+    naive_loss(logps64, ref.double(), batch, 1.0, sft_weight).backward()
+    torch.testing.assert_close(metrics["logps"].double(), logps64.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_confident_and_extreme_logits():
+    """Logits spanning hundreds of nats (exp underflow) and p(target) ~ 1: (p - 1) must not cancel."""
+    groups = random_groups(4, n_groups=3, max_len=2)
+    batch = sdpo_fast.pack_groups(groups)
+    h, w = leaves(num_tokens(batch), seed=4, scale=3.0)
+    with torch.no_grad():  # make each target dominate its row: p(target) close to 1
+        rows = batch.logit_rows.index_select(0, batch.target_rows)
+        h[rows] += 0.5 * w[batch.target_ids]
+    ref = torch.randn(batch.candidate_mask.shape) - 2.0
+    loss, metrics = fused_sdpo_loss(h, w, batch, ref, sft_weight=0.3, backend="native")
+    loss.backward()
+    h64, w64 = fp64_copies(h, w)
+    logps64 = naive_logps(h64, w64, groups, batch)
+    naive_loss(logps64, ref.double(), batch, 1.0, 0.3).backward()
+    torch.testing.assert_close(metrics["logps"].double(), logps64.detach(), rtol=1e-5, atol=1e-4)
+    scale_h, scale_w = h64.grad.abs().max(), w64.grad.abs().max()
+    assert (h.grad.double() - h64.grad).abs().max() <= 1e-5 * scale_h
+    assert (w.grad.double() - w64.grad).abs().max() <= 1e-5 * scale_w
+
+
+def test_bf16_inputs_beat_torch_error():
+    """bf16 hidden/weight: native computes in fp32, so its error against fp64 (on the same bf16
+    values) is at most the torch backend's, which rounds logits to bf16."""
+    groups = random_groups(5)
+    batch = sdpo_fast.pack_groups(groups)
+    h, w = leaves(num_tokens(batch), dtype=torch.bfloat16, seed=5)
+    ref = torch.randn(batch.candidate_mask.shape) - 6.0
+    h64, w64 = fp64_copies(h, w)
+    logps64 = naive_logps(h64, w64, groups, batch)
+    naive_loss(logps64, ref.double(), batch, 1.0, 0.1).backward()
+
+    errors = {}
+    for backend in ("native", "torch"):
+        h.grad = w.grad = None
+        loss, metrics = fused_sdpo_loss(h, w, batch, ref, sft_weight=0.1, backend=backend)
+        loss.backward()
+        assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+        errors[backend] = [
+            (metrics["logps"].double() - logps64.detach()).abs().max().item(),
+            (h.grad.double() - h64.grad).abs().max().item(),
+            (w.grad.double() - w64.grad).abs().max().item(),
+        ]
+    # gradients come back in bf16 in both backends: allow one bf16 rounding of the largest entry
+    slack = [1e-4, 2 ** -8 * h64.grad.abs().max().item(), 2 ** -8 * w64.grad.abs().max().item()]
+    for nat, tor, s in zip(errors["native"], errors["torch"], slack):
+        assert nat <= tor + s, errors
+    assert errors["native"][0] < 1e-3  # fp32 log-probs of bf16 inputs: no bf16 logit rounding
+
+
+def test_agrees_with_torch_and_triton_and_is_deterministic():
+    groups = random_groups(6, n_groups=3)
+    batch = sdpo_fast.pack_groups(groups)
+    h, w = leaves(num_tokens(batch), seed=6)
+    ref = torch.randn(batch.candidate_mask.shape) - 6.0
+    names = ["native", "torch"] + (["triton"] if "triton" in backends.available("logprobs") else [])
+    results = {}
+    for name in names + ["native"]:  # native twice: bitwise rerun check
+        h.grad = w.grad = None
+        lp = sdpo_fast.sequence_logprobs(h, w, batch, backend=name)
+        (lp * torch.linspace(-1, 1, lp.numel()).view(lp.shape)).sum().backward()
+        out = [lp.detach(), h.grad.clone(), w.grad.clone()]
+        h.grad = w.grad = None
+        loss, metrics = fused_sdpo_loss(h, w, batch, ref, sft_weight=0.2, backend=name)
+        loss.backward()
+        out += [loss.detach(), metrics["logps"], h.grad.clone(), w.grad.clone()]
+        if name in results:
+            assert all(torch.equal(a, b) for a, b in zip(out, results[name])), "native is not deterministic"
+        results[name] = out
+    for name in names[1:]:
+        for a, b in zip(results["native"], results[name]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5, msg=f"native vs {name}")
+
+
+def test_auto_prefers_native_on_cpu():
+    assert backends.resolve("logprobs", "auto", "cpu") == "native"
+    assert backends.resolve("sdpo_loss", "auto", "cpu") == "native"
+
+
+def test_bad_options_raise():
+    batch = sdpo_fast.pack_groups([([1, 2], [[3], [4]])])
+    h, w = leaves(num_tokens(batch))
+    with pytest.raises(ValueError, match="tile_elements"):
+        sdpo_fast.sequence_logprobs(h, w, batch, backend="native", tile_elements=0)
+    with pytest.raises(ValueError, match="not both"):
+        sdpo_fast.sequence_logprobs(h, w, batch, backend="native", tile_elements=10, chunk_rows=2)
+
+
+def test_skipped_extension_falls_back_with_one_warning():
+    code = (
+        "import warnings, torch, sdpo_fast\n"
+        "from sdpo_fast import backends\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    b = sdpo_fast.pack_groups([([1, 2], [[3], [4, 5]])])\n"
+        "    h, w = torch.randn(b.shape[1], 8), torch.randn(16, 8)\n"
+        "    out = sdpo_fast.sequence_logprobs(h, w, b)\n"
+        "    out = sdpo_fast.sequence_logprobs(h, w, b)\n"
+        "    assert backends.resolve('logprobs', 'auto', 'cpu') == 'torch'\n"
+        "    assert 'native' not in backends.available('sdpo_loss')\n"
+        "msgs = [str(c.message) for c in caught if 'native' in str(c.message)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "assert 'torch backend' in msgs[0] and 'SDPO_FAST_NO_EXT' in msgs[0], msgs[0]\n"
+        "assert torch.isfinite(out).all()\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, SDPO_FAST_NO_EXT="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr
