@@ -18,7 +18,7 @@ def test_deterministic_and_configurable():
     c = make_synthetic(num_users=40, num_items=60, seed=4)
     assert a.train == b.train and a.valid == b.valid and a.test == b.test
     assert a.train != c.train
-    small = make_synthetic(num_users=10, num_items=40, min_seq_len=4, max_seq_len=4, num_candidates=8, max_history=2)
+    small = make_synthetic(num_users=10, num_items=40, min_interactions=4, max_interactions=4, num_candidates=8, max_history=2)
     exs = small.train + small.valid + small.test
     assert len(exs) == 10 * (4 - 2)  # one example per position with >= 2 history items
     assert all(len(e.candidates) == 8 and len(e.history) == 2 for e in exs)
@@ -71,3 +71,16 @@ def test_prompts(default):
     assert chosen != [format_prompt(e, seed=1) for e in default.test[:60]]
     with pytest.raises(ValueError, match="template"):
         format_prompt(ex, template=len(TEMPLATES))
+
+
+def test_baseline_cli(tmp_path, capsys):
+    from sdpo_fast.eval import main
+
+    assert main(["--data", "synthetic", "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "co-occurrence" in out and "hr@1" in out
+    import json
+
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert set(res) == {"random", "popularity", "co-occurrence"}
+    assert res["co-occurrence"]["hr@1"] > res["popularity"]["hr@1"] > res["random"]["hr@1"]

@@ -70,6 +70,8 @@ class SDPOCollator:
         backend: log-prob backend for hard negatives.
 
     Every batch has ``C = K + 1`` candidate columns, whatever the batch (ranks stay in step).
+    Hard negatives run the policy inside the collator: use it in the main process
+    (``DataLoader(num_workers=0)``) or call ``choose`` yourself.
     """
 
     def __init__(

@@ -79,7 +79,9 @@ def _lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
                 if line.strip():
                     yield n, line
         except UnicodeDecodeError as exc:
-            raise DataFormatError(path, n + 1, f"not valid {encoding} text ({exc.reason}; at or after this line)") from None
+            raise DataFormatError(
+                path, n + 1, f"not valid {encoding} text ({exc.reason}; at or after this line); is it another encoding?"
+            ) from None
 
 
 def _int(path, n, value, what):
@@ -178,14 +180,17 @@ def _tsv_with_header(path: Path, columns: tuple[str, ...], encoding="utf-8") -> 
         yield n, fields
 
 
-def load_lastfm(path, **kwargs) -> DatasetSplits:
-    """LastFM hetrec-2011 from its directory (see the module docstring for the time rule)."""
+def load_lastfm(path, *, encoding: str = "utf-8", **kwargs) -> DatasetSplits:
+    """LastFM hetrec-2011 from its directory (see the module docstring for the time rule).
+
+    ``encoding`` of ``artists.dat`` (a copy re-saved in another encoding: e.g. ``"latin-1"``).
+    """
     root = Path(path)
     artists_path = _require(root / "artists.dat", "LastFM artist names")
     pairs_path = _require(root / "user_artists.dat", "LastFM user-artist listening counts")
     tags_path = _require(root / "user_taggedartists-timestamps.dat", "LastFM tag timestamps")
     names = {}
-    for n, fields in _tsv_with_header(artists_path, ("id", "name")):
+    for n, fields in _tsv_with_header(artists_path, ("id", "name"), encoding):
         name = " ".join(fields[1].split())
         if not name:
             raise DataFormatError(artists_path, n, "empty artist name")
@@ -299,8 +304,12 @@ def load_goodreads(interactions, titles, **kwargs) -> DatasetSplits:
 # ----------------------------------------------------------------------------------------------- JSONL
 
 
-def load_jsonl(path, *, split_ratios=(0.8, 0.1, 0.1), domain: str = "item") -> DatasetSplits:
-    """Generic JSONL examples (module docstring). ``domain`` is the default for lines without one."""
+def load_jsonl(path, *, split_ratios=(0.8, 0.1, 0.1), domain: str = "item", seed: int = 0, progress: bool = False) -> DatasetSplits:
+    """Generic JSONL examples (module docstring). ``domain`` is the default for lines without one.
+
+    ``seed`` and ``progress`` are accepted for a uniform ``load_dataset`` call and unused: the
+    examples are taken as written, nothing is drawn at random.
+    """
     path = _require(Path(path), "JSONL examples")
     examples, splits = [], []
     for i, (n, rec) in enumerate(_records(path)):

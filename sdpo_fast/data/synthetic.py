@@ -7,7 +7,7 @@ Generative model (numbers are the defaults):
   ``b_i ~ N(0, popularity_scale)``. Titles are readable and genre-flavoured ("The Silent Nebula",
   "Shadow of Blackmoor"), unique.
 * User ``u`` likes one or two genres: ``p_u = mean(centroids) + user_noise * N(0, I)``. Their sequence
-  (length uniform in [``min_seq_len``, ``max_seq_len``]) samples item ``t`` from
+  (length uniform in [``min_interactions``, ``max_interactions``]) samples item ``t`` from
   ``softmax((preference * v.s_t + transition * v.v_{t-1} + b) / temperature)`` over unseen items,
   with a drifting state ``s_t = (1 - drift) s_{t-1} + drift v_{t-1}``, ``s_0 = p_u``.
 * Times: each user starts at a random day in [0, 500) and interactions follow at exponential gaps
@@ -89,8 +89,8 @@ def make_synthetic(
     num_items: int = 240,
     num_genres: int = 8,
     latent_dim: int = 16,
-    min_seq_len: int = 5,
-    max_seq_len: int = 16,
+    min_interactions: int = 5,
+    max_interactions: int = 16,
     item_noise: float = 0.6,
     user_noise: float = 0.3,
     popularity_scale: float = 0.7,
@@ -106,16 +106,17 @@ def make_synthetic(
 ) -> DatasetSplits:
     """Generate the synthetic dataset (module docstring); same arguments -> identical splits.
 
-    Examples need sequences of at least 3 items, as the real loaders do; every user here has
-    ``min_seq_len`` >= 3 interactions, so each user gives ``len - 2`` examples.
+    Users have between ``min_interactions`` and ``max_interactions`` interactions. Examples need
+    sequences of at least 3 items, as for the real loaders, so a user with ``n`` interactions gives
+    ``n - 2`` examples.
     """
     if num_users < 1 or latent_dim < 1:
         raise ValueError("num_users and latent_dim must be >= 1")
-    if not 3 <= min_seq_len <= max_seq_len:
-        raise ValueError(f"need 3 <= min_seq_len <= max_seq_len, got {min_seq_len}, {max_seq_len}")
-    if num_items < max_seq_len + num_candidates:
+    if not 3 <= min_interactions <= max_interactions:
+        raise ValueError(f"need 3 <= min_interactions <= max_interactions, got {min_interactions}, {max_interactions}")
+    if num_items < max_interactions + num_candidates:
         raise ValueError(
-            f"num_items={num_items} too small: a user with {max_seq_len} items needs {num_candidates - 1} unseen ones"
+            f"num_items={num_items} too small: a user with {max_interactions} items needs {num_candidates - 1} unseen ones"
         )
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -129,7 +130,7 @@ def make_synthetic(
     for u in range(num_users):
         liked = rng.choice(num_genres, size=1 + int(rng.random() < 0.5), replace=False)
         pref = centroids[liked].mean(0) + user_noise * rng.normal(size=latent_dim) / np.sqrt(latent_dim) * 2.0
-        length = int(rng.integers(min_seq_len, max_seq_len + 1))
+        length = int(rng.integers(min_interactions, max_interactions + 1))
         time = float(rng.uniform(0.0, 500.0))
         state, last = pref, None
         seen = np.zeros(num_items, dtype=bool)
