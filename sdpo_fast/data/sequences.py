@@ -117,10 +117,11 @@ def splits_from_sequences(
     seed: int = 0,
     split_ratios: Sequence[float] = (0.8, 0.1, 0.1),
     catalog: Sequence[str] | None = None,
-    progress: bool = False,
+    progress: bool = True,
     info: dict | None = None,
 ) -> DatasetSplits:
-    """``examples_from_sequences`` followed by the chronological 8:1:1 split."""
+    """``examples_from_sequences`` (a progress bar over users unless ``progress=False``) followed by
+    the chronological 8:1:1 split."""
     examples = examples_from_sequences(
         sequences,
         domain=domain,
