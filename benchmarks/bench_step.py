@@ -547,7 +547,8 @@ def environment(args, device, methods, notes) -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+        n = torch.get_num_threads()
+        name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {n} thread{'s' * (n != 1)})"
     versions = {p: version(p) for p in ("torch", "transformers", "peft", "triton", "sdpo_fast", "cut-cross-entropy", "liger-kernel")}
     return dict(
         benchmark="bench_step",
@@ -580,13 +581,16 @@ def environment(args, device, methods, notes) -> dict:
     )
 
 
-def run(args):
+def run(args, on_shape: Callable | None = None):
+    """The sweep: ``(meta, rows)``; ``on_shape(meta, rows)`` is called after every shape (partial results)."""
     device = torch.device(args.device)
+    t0 = time.perf_counter()
     methods, notes = build_methods(args)
     if not methods:
         raise ValueError("no method to run (see --methods)")
     meta = environment(args, device, methods, notes)
     meta["load_average_start"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    meta["complete"] = False
     rows = []
     shapes = [(p, k) for p in args.prompt_lens for k in args.ks]
     with tqdm(total=len(args.modes) * len(shapes), desc="bench_step", file=sys.stderr) as bar:
@@ -598,11 +602,15 @@ def run(args):
                 rows += new
                 bar.write(format_line(new))
                 bar.update()
+                if on_shape is not None:
+                    on_shape(meta, rows)
             del model, opt
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     meta["load_average_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    meta["sweep_seconds"] = round(time.perf_counter() - t0, 1)
+    meta["complete"] = True
     return meta, rows
 
 
@@ -624,8 +632,31 @@ def _fmt(v, spec="{:.1f}"):
     return "-" if v is None else spec.format(v)
 
 
+def headline(meta, summary) -> list[str]:
+    """Markdown lines: c's speed-up over a (and b) per K (rows) and (mode, P) (columns)."""
+    panels = [(m, p) for m in meta["modes"] for p in sorted({s["prompt_len"] for s in summary})]
+    others = [m for m in ("a", "b") if m in meta["methods"]] if "c" in meta["methods"] else []
+    if not others:
+        return []
+    lines = [
+        "Speed-up of (c) sdpo_fast: step time of " + " / ".join(f"({m})" for m in others) + " over (c)'s, same run.",
+        "",
+        "| K | " + " | ".join(f"{m} P={p}" for m, p in panels) + " |",
+        "|" + "---|" * (len(panels) + 1),
+    ]
+    by = {(s["mode"], s["prompt_len"], s["K"]): s for s in summary}
+    for k in sorted({s["K"] for s in summary}):
+        cells = []
+        for m, p in panels:
+            s = by.get((m, p, k), {})
+            cells.append(" / ".join(_fmt(s.get(f"speedup_c_vs_{o}"), "{:.2f}x") for o in others))
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def markdown(meta, rows, summary) -> str:
     lines = [f"# S-DPO training step: {meta['device']}", ""]
+    lines += headline(meta, summary)
     lines += [f"- {k}: {v}" for k, v in meta.items() if k not in ("benchmark", "methods", "notes")]
     lines += [f"- method {k}: {v}" for k, v in meta["methods"].items()]
     lines += [f"- note: {n}" for n in meta["notes"]]
@@ -787,11 +818,13 @@ def main(argv=None, flce_provider=None):
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    name = args.name or f"bench_step_{args.preset}"
     try:
-        meta, rows = run(args)
+        # partial JSON + markdown after every shape: a run stopped by a time limit still leaves its rows
+        meta, rows = run(args, on_shape=lambda meta, rows: write(meta, rows, args.out, name, make_plot=False))
     finally:
         torch.set_num_threads(threads)
-    paths = write(meta, rows, args.out, args.name or f"bench_step_{args.preset}", make_plot=not args.no_plot)
+    paths = write(meta, rows, args.out, name, make_plot=not args.no_plot)
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
     return meta, rows, paths
 
