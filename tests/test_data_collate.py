@@ -85,6 +85,9 @@ def test_truncation_rules(data):
     assert row["num_truncated_candidates"] == sum(len(f) > 1 for f in full) > 0
     with pytest.raises(ValueError, match="max_candidate_tokens must be >= 2"):
         tokenize_example(ex, tok, max_candidate_tokens=1)
+    with pytest.warns(UserWarning, match=r"candidate\(s\) cut to max_candidate_tokens=2"):
+        ds = tokenize_dataset([ex], tok, max_candidate_tokens=2)
+    assert ds[0]["num_truncated_candidates"] == row["num_truncated_candidates"]
 
 
 def test_tokenize_dataset_cache(data, tmp_path, monkeypatch):

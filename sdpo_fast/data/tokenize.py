@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from typing import Iterable, Sequence
 
 from .examples import DatasetSplits, RecExample
@@ -209,7 +210,8 @@ def tokenize_dataset(
     Caching: with ``cache_dir``, the result is written to
     ``cache_dir/tokenized-<key>.arrow`` where the key hashes the examples, the tokenizer and every
     option; a later call with the same inputs loads that file instead of tokenising again.
-    Without ``cache_dir`` nothing is written.
+    Without ``cache_dir`` nothing is written. A warning reports how many candidates were cut and
+    history items dropped by the truncation rules.
 
     The dataset also has an ``idx`` column (position in ``examples``), which the collator reports.
     """
@@ -241,7 +243,7 @@ def tokenize_dataset(
                 cols[c].append(v)
         return cols
 
-    return ds.map(
+    out = ds.map(
         fn,
         batched=True,
         batch_size=256,
@@ -251,3 +253,12 @@ def tokenize_dataset(
         new_fingerprint=key,
         desc=desc,
     )
+    cut = sum(out["num_truncated_candidates"])
+    cut_history = sum(len(h) - u for h, u in zip(out["history"], out["history_used"]))
+    if cut or cut_history:
+        warnings.warn(
+            f"tokenize_dataset: {cut} candidate(s) cut to max_candidate_tokens={max_candidate_tokens} and "
+            f"{cut_history} history item(s) dropped for max_prompt_tokens={max_prompt_tokens}",
+            stacklevel=2,
+        )
+    return out
