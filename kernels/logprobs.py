@@ -40,8 +40,9 @@ __all__ = ["triton_sequence_logprobs", "triton_sdpo_loss", "logprobs_forward", "
 _CUDA_DEFAULTS = dict(block_m=128, block_v=128, block_d=64, block_t=32, num_warps=8, num_stages=3, group_m=8)
 # Interpreter (tests on CPU): small tiles keep numpy work and the number of programs low.
 _CPU_DEFAULTS = dict(block_m=16, block_v=64, block_d=32, block_t=16, num_warps=4, num_stages=1, group_m=4)
-# dlogits slice: elements of the [Nr, S] buffer (2**27 bf16 = 256 MiB).
-_SLICE_ELEMENTS = 1 << 27
+# dlogits slice: elements of the [Nr, S] buffer (2**26 bf16 = 128 MiB; at Nr = 16k, S = 4096 columns,
+# so each slice's two GEMMs are still [16k x 4096 x 4096]-sized).
+_SLICE_ELEMENTS = 1 << 26
 _OPTION_NAMES = set(_CUDA_DEFAULTS) | {"v_splits", "slice_cols", "allow_tf32"}
 
 
@@ -212,9 +213,9 @@ def logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, batch: PackedBa
     n_mb, n_vt = triton.cdiv(Nr, bm), triton.cdiv(V, bv)
     splits = opts.get("v_splits")
     if splits is None:
-        # Enough programs to fill the GPU (2 per SM) when the row blocks alone do not.
+        # About 8 programs per SM, so that the last wave of long programs is a small fraction.
         sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count if hidden.is_cuda else 1
-        splits = max(1, min(n_vt, triton.cdiv(2 * sms, n_mb)))
+        splits = max(1, min(n_vt, triton.cdiv(8 * sms, n_mb)))
     splits = min(splits, n_vt)
     tiles_per_split = triton.cdiv(n_vt, splits)
     splits = triton.cdiv(n_vt, tiles_per_split)
@@ -241,15 +242,34 @@ def logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, batch: PackedBa
     return lse, logps
 
 
+_MM_MODE: dict = {}
+
+
 def _mm_acc(out32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``out32 += a @ b`` with an fp32 product where the device offers one (CUDA ``out_dtype``)."""
-    if a.dtype != torch.float32 and a.is_cuda:
+    """``out32 += a @ b`` for 16-bit ``a``, ``b`` and an fp32 ``out32``, with the fp32 product where the
+    device offers it: in place (``addmm`` with ``out_dtype``, no temporary), else an fp32 ``mm``, else
+    a rounded product added in fp32. The first mode that works is remembered per device type."""
+    if a.dtype == torch.float32:
+        out32.addmm_(a, b)
+        return
+    modes = ("addmm", "mm", "plain") if a.is_cuda else ("plain",)
+    start = modes.index(_MM_MODE.get(a.device.type, modes[0]))
+    for mode in modes[start:]:
         try:
-            out32 += torch.mm(a, b, out_dtype=torch.float32)
-            return
-        except (TypeError, RuntimeError):
-            pass
-    out32 += torch.mm(a, b).float()
+            if mode == "addmm":
+                torch.addmm(out32, a, b, out_dtype=torch.float32, out=out32)
+            elif mode == "mm":
+                out32 += torch.mm(a, b, out_dtype=torch.float32)
+            else:
+                out32 += torch.mm(a, b).float()
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError, NotImplementedError):
+            if mode == "plain":
+                raise
+            continue
+        _MM_MODE[a.device.type] = mode
+        return
 
 
 def logprobs_grad(hidden, weight, batch: PackedBatch, lse, grad_logps, need_h: bool, need_w: bool, opts: dict):

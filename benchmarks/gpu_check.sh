@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# GPU check for a CUDA machine without network: install what is missing from ./wheels-gpu, run the
+# `gpu`-marked tests and the kernel benchmarks, write JSON + markdown into OUT_DIR. Under 6 minutes:
+# every step has its own timeout, so the script always finishes and reports what it got.
+#
+#   benchmarks/gpu_check.sh OUT_DIR
+#
+# Wheels: copy /work/shared/wheels-gpu to ./wheels-gpu (git-ignored) before sending the tree over.
+set -uo pipefail
+
+OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+SITE=${SDPO_SITE:-/tmp/sdpo_site}
+STATUS="$OUT/steps.tsv"
+: > "$STATUS"
+start=$(date +%s)
+
+step() {  # step NAME TIMEOUT_S CMD...: run, log to OUT/NAME.log, record exit code and seconds
+    local name=$1 limit=$2; shift 2
+    local t0=$(date +%s)
+    timeout --signal=TERM --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" >> "$STATUS"
+    tail -n 5 "$OUT/$name.log"
+    return 0
+}
+
+# 1. Missing packages from the local wheels (never touching the machine's torch/triton).
+missing=()
+if [ -d wheels-gpu ]; then
+    for whl in wheels-gpu/*.whl; do
+        mod=$(basename "$whl" | cut -d- -f1)
+        "$PY" -c "import $mod" 2>/dev/null || missing+=("$whl")
+    done
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+    step install_wheels 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "${missing[@]}"
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$SITE"
+
+# 2. The package itself (kernels/ is mapped to sdpo_fast.kernels by setup.py: needs an install).
+if ! "$PY" -c "import sdpo_fast.kernels.logprobs" 2>/dev/null; then
+    step install_sdpo_fast 120 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
+fi
+"$PY" - > "$OUT/env.json" <<'EOF'
+import json, torch, triton, sdpo_fast
+from sdpo_fast import backends
+print(json.dumps(dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+                      torch=torch.__version__, triton=triton.__version__,
+                      logprobs_backends=backends.available("logprobs"),
+                      attention_backends=backends.available("attention")), indent=1))
+EOF
+cat "$OUT/env.json"
+
+# 3. gpu-marked tests (all test files; CPU-only tests are deselected).
+step pytest_gpu 110 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml"
+
+# 4. Kernel benchmarks: one line per kernel family, each writes its JSON + markdown into $OUT.
+step bench_logprob 170 "$PY" benchmarks/bench_logprob.py --out "$OUT" --rep-ms 50 \
+    --methods triton,triton_loss,torch,torch_loss,eager,liger,cce
+step bench_logprob_compile 50 "$PY" benchmarks/bench_logprob.py --out "$OUT" --rep-ms 50 \
+    --shapes 16384x4096x128256 --methods compile_chunked --tag compile
+# (attention kernels: bench_attention.py line goes here)
+
+# 5. Summary.
+{
+    echo "# gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ), $(( $(date +%s) - start )) s"
+    echo
+    echo '```'; cat "$OUT/env.json"; echo '```'
+    echo
+    echo "| step | exit | seconds |"; echo "|---|---|---|"
+    awk -F'\t' '{printf "| %s | %s | %s |\n", $1, $2, $3}' "$STATUS"
+    echo
+    tail -n 3 "$OUT/pytest_gpu.log" 2>/dev/null
+    for md in "$OUT"/*.md; do
+        case "$md" in */summary.md) continue ;; esac
+        echo; cat "$md"
+    done
+} > "$OUT/summary.md"
+"$PY" - "$STATUS" "$OUT/summary.json" <<'EOF'
+import json, sys
+steps = [dict(zip(("step", "exit", "seconds"), l.rstrip("\n").split("\t"))) for l in open(sys.argv[1]) if l.strip()]
+json.dump(dict(steps=steps), open(sys.argv[2], "w"), indent=1)
+EOF
+cat "$OUT/summary.md" | tail -n 60
