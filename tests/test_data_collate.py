@@ -203,7 +203,9 @@ def test_hard_negatives_match_naive(data):
         scores = {j: _naive_logprob(model, f["prompt_ids"], c) for j, c in enumerate(f["candidate_ids"]) if j != f["target_index"]}
         want = sorted(scores, key=scores.get, reverse=True)[:4]
         assert got == want
-    col = SDPOCollator(tok, num_negatives=4, negatives="hard", policy=model, backend="torch")
+    # a token budget sized for K + 1 candidates: the scoring pass still scores all 19
+    budget = max(len(f["prompt_ids"]) + sum(sorted(map(len, f["candidate_ids"]))[-5:]) for f in feats)
+    col = SDPOCollator(tok, num_negatives=4, negatives="hard", policy=model, backend="torch", token_budget=budget)
     assert col(feats).candidate_index[:, 1:].tolist() == picked
     with pytest.raises(ValueError, match="needs a policy"):
         SDPOCollator(tok, num_negatives=4, negatives="hard")(feats)

@@ -62,7 +62,8 @@ def hard_negatives(
         model: HF causal LM (PEFT / DeepSpeed wrappers fine); scored with ``candidate_logprobs``.
         prompts: ``G`` prompt id lists; ``candidates``: ``G`` lists of candidate id lists;
         target_indices: ``G`` target columns (excluded).
-        max_tokens_per_row: row budget of the scoring pass (``None``: one row).
+        max_tokens_per_row: row budget of the scoring pass (``None``: one row); raised to the
+            largest group when smaller (every non-target candidate is scored).
 
     Returns:
         ``G`` lists of ``k`` indices into each example's candidate list.
@@ -78,6 +79,8 @@ def hard_negatives(
     if k == 0:
         return [[] for _ in pools]
     groups = [(p, [c[i] for i in pool]) for p, c, pool in zip(prompts, candidates, pools)]
+    if max_tokens_per_row is not None:  # a training budget sized for K + 1 candidates may not hold all of them
+        max_tokens_per_row = max(max_tokens_per_row, *(len(p) + sum(map(len, cs)) for p, cs in groups))
     lm = unwrap_causal_lm(model)
     batch = pack_groups(
         groups,
