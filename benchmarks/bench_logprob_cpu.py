@@ -1,0 +1,283 @@
+"""CPU benchmark of the fused log-probs and S-DPO loss: native vs torch eager vs chunked torch.
+
+Shape (the issue's): G groups of C candidates of n tokens (default 8 x 16 x 16 = N = 2048 target rows),
+D = 512, V = 32000, fp32, forward + backward of an S-DPO step (sft_weight 0), on the CPU.
+
+Rows, all in this process, same inputs:
+  eager          logits [N, V] materialised (one row per target), log_softmax, gather, segment sum,
+                 sdpo_loss, autograd backward: the plain PyTorch baseline
+  torch_chunked  the package's torch reference backend (``fused_sdpo_loss(backend="torch")``:
+                 logits in 128 MiB chunks, recomputed in the backward)
+  native_logprobs  ``sequence_logprobs(backend="native")`` + ``sdpo_loss`` + autograd backward
+                 (its backward recomputes the logits: four GEMMs)
+  native_fused   ``fused_sdpo_loss(backend="native")`` (whole groups per tile, three GEMMs)
+and the bare GEMMs of eager's shapes (logits [N, D] x [D, V], dHidden [N, V] x [V, D], dW [V, N] x [N, D]).
+
+Time: wall-clock median over ``--repeats`` after one warm-up; the rows and the GEMMs are timed in
+turn within each repeat (round robin), so load from other processes on a shared machine falls on all
+of them alike and the ratios stay meaningful when the absolute times do not. Peak extra memory: each row runs once
+more in a fresh subprocess, which builds its inputs, resets the kernel's peak-RSS mark
+(``/proc/self/clear_refs``), runs one step, and reports VmHWM minus the RSS before the step.
+tracemalloc would see none of torch's allocations (they bypass Python's allocator), and torch's CPU
+allocator returns large blocks to the OS at once, so the kernel's resident-set peak is the honest
+figure. Gradients of hidden and weight (the same in every row) are part of it; the table also gives
+the figure without them (the working memory of the op).
+
+``python benchmarks/bench_logprob_cpu.py`` writes benchmarks/results/logprob_cpu.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROWS = ("eager", "torch_chunked", "native_logprobs", "native_fused")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def make_inputs(groups=8, cands=16, cand_len=16, prompt_len=32, dim=512, vocab=32000, dtype=torch.float32, seed=0):
+    """Packed batch, hidden ``[T, D]``, weight ``[V, D]`` and reference log-probs ``[G, C]``."""
+    import sdpo_fast
+
+    gen = torch.Generator().manual_seed(seed)
+    spec = [
+        (torch.randint(0, vocab, (prompt_len,), generator=gen),
+         [torch.randint(0, vocab, (cand_len,), generator=gen) for _ in range(cands)])
+        for _ in range(groups)
+    ]
+    batch = sdpo_fast.pack_groups(spec)
+    T = batch.shape[0] * batch.shape[1]
+    hidden = (torch.randn(T, dim, generator=gen) * 0.5).to(dtype)
+    weight = (torch.randn(vocab, dim, generator=gen) * 0.05).to(dtype)
+    ref = torch.randn(groups, cands, generator=gen) - 40.0
+    return batch, hidden, weight, ref
+
+
+def _eager_step(batch, hidden, weight, ref):
+    from sdpo_fast.loss import sdpo_loss
+
+    rows = batch.logit_rows.index_select(0, batch.target_rows)  # one logits row per target
+    logits = hidden[rows] @ weight.t()
+    tok = torch.log_softmax(logits.float(), dim=-1).gather(1, batch.target_ids[:, None])[:, 0]
+    G, C = batch.candidate_mask.shape
+    logps = torch.zeros(G * C).index_add(0, batch.target_candidates, tok).view(G, C)
+    return sdpo_loss(logps[:, 0], logps[:, 1:], ref[:, 0], ref[:, 1:], rejected_mask=batch.candidate_mask[:, 1:])
+
+
+def _logprobs_step(backend):
+    def step(batch, hidden, weight, ref):
+        import sdpo_fast
+        from sdpo_fast.loss import sdpo_loss
+
+        logps = sdpo_fast.sequence_logprobs(hidden, weight, batch, backend=backend)
+        return sdpo_loss(logps[:, 0], logps[:, 1:], ref[:, 0], ref[:, 1:], rejected_mask=batch.candidate_mask[:, 1:])
+
+    return step
+
+
+def _fused_step(backend):
+    def step(batch, hidden, weight, ref):
+        from sdpo_fast.loss import fused_sdpo_loss
+
+        return fused_sdpo_loss(hidden, weight, batch, ref, backend=backend)[0]
+
+    return step
+
+
+STEPS = {
+    "eager": _eager_step,
+    "torch_chunked": _fused_step("torch"),
+    "native_logprobs": _logprobs_step("native"),
+    "native_fused": _fused_step("native"),
+}
+
+
+def run_step(name, batch, hidden, weight, ref):
+    """One forward + backward; returns the loss (gradients land in hidden.grad / weight.grad)."""
+    hidden.grad = weight.grad = None
+    loss = STEPS[name](batch, hidden, weight, ref)
+    loss.backward()
+    return loss.detach()
+
+
+def interleaved_medians(fns: dict, repeats: int, desc: str = "timing") -> dict:
+    """Median seconds of each callable, one warm-up each, then ``repeats`` round-robin passes."""
+    from tqdm import tqdm
+
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in tqdm(range(repeats), desc=desc):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def gemm_fns(n, dim, vocab, dtype):
+    """The three GEMMs of eager's shapes: logits [n, D] x [D, V], dHidden [n, V] x [V, D], dW [V, n] x [n, D]."""
+    a = torch.randn(n, dim, dtype=dtype)
+    w = torch.randn(vocab, dim, dtype=dtype)
+    g = torch.randn(n, vocab, dtype=dtype)
+    return {
+        "gemm_logits": lambda: a @ w.t(),
+        "gemm_dhidden": lambda: g @ w,
+        "gemm_dweight": lambda: g.t() @ a,
+    }
+
+
+def _rss_kb():
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+def peak_extra_mb(name, shape_args):
+    """Peak resident memory a single step adds, measured in a fresh subprocess (MiB): ``{"total": ...,
+    "working": total minus the gradients hidden.grad and weight.grad that every row must produce}``."""
+    cmd = [sys.executable, __file__, "--_memory-child", name, "--_shape", json.dumps(shape_args)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _memory_child(name, shape_args):
+    batch, hidden, weight, ref = make_inputs(**_shape_kwargs(shape_args))
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    import sdpo_fast.backends as backends
+
+    backends.available("logprobs")  # load optional backends (and the extension) before measuring
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS mark (VmHWM)
+    before, _ = _rss_kb()
+    run_step(name, batch, hidden, weight, ref)
+    _, peak = _rss_kb()
+    grads = sum(t.grad.numel() * t.grad.element_size() for t in (hidden, weight)) / 2**20
+    total = (peak - before) / 1024
+    print(json.dumps({"total": total, "working": total - grads}))
+
+
+def _shape_kwargs(shape_args):
+    kw = dict(shape_args)
+    kw["dtype"] = {"fp32": torch.float32, "bf16": torch.bfloat16}[kw["dtype"]]
+    return kw
+
+
+def main(argv=None):
+    """Run the benchmark, print the table, write JSON + markdown; returns the result dict."""
+    from tqdm import tqdm
+
+    import sdpo_fast
+    from sdpo_fast import backends
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--groups", type=int, default=8)
+    p.add_argument("--cands", type=int, default=16)
+    p.add_argument("--cand-len", type=int, default=16)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-memory", action="store_true", help="skip the per-row memory subprocesses")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
+    p.add_argument("--_shape", dest="shape", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.memory_child:
+        return _memory_child(args.memory_child, json.loads(args.shape))
+
+    shape_args = dict(groups=args.groups, cands=args.cands, cand_len=args.cand_len, prompt_len=args.prompt_len,
+                      dim=args.dim, vocab=args.vocab, dtype=args.dtype)
+    batch, hidden, weight, ref = make_inputs(**_shape_kwargs(shape_args))
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    rows = [r for r in ROWS if not r.startswith("native") or "native" in backends.available("sdpo_loss")]
+    N, dtype = batch.num_targets, hidden.dtype
+
+    losses = {name: run_step(name, batch, hidden, weight, ref).item() for name in rows}
+    fns = {name: (lambda name=name: run_step(name, batch, hidden, weight, ref)) for name in rows}
+    fns.update(gemm_fns(N, args.dim, args.vocab, dtype))
+    medians = interleaved_medians(fns, args.repeats, desc="time (fwd+bwd, round robin)")
+    times = {name: medians[name] for name in rows}
+    gemm = {k.removeprefix("gemm_"): v for k, v in medians.items() if k.startswith("gemm_")}
+    gemm_total = sum(gemm.values())
+    mem = {}
+    if not args.no_memory:
+        for name in tqdm(rows, desc="peak memory (subprocess per row)"):
+            mem[name] = peak_extra_mb(name, shape_args)
+
+    result = {
+        "benchmark": "logprob_cpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
+        "load_avg_1m": os.getloadavg()[0],
+        "versions": {"torch": torch.__version__, "sdpo_fast": sdpo_fast.__version__, "python": platform.python_version()},
+        "shape": {**shape_args, "N_targets": N, "logit_rows": int(batch.logit_rows.numel())},
+        "seconds": times,
+        "loss": losses,
+        "peak_extra_mb": mem,
+        "bare_gemm_seconds": {**gemm, "total": gemm_total},
+        "speedup_vs_eager": {k: times["eager"] / v for k, v in times.items()},
+        "speedup_vs_torch_chunked": {k: times["torch_chunked"] / v for k, v in times.items()},
+        "time_over_bare_gemms": {k: v / gemm_total for k, v in times.items()},
+        "memory_fraction_of_eager": {k: v["total"] / mem["eager"]["total"] for k, v in mem.items()},
+        "working_memory_fraction_of_eager": {k: v["working"] / mem["eager"]["working"] for k, v in mem.items()},
+    }
+    md = _markdown(result)
+    print(md)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "logprob_cpu" if args.dtype == "fp32" else f"logprob_cpu_{args.dtype}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(md + "\n")
+    return result
+
+
+def _markdown(r):
+    s = r["shape"]
+    lines = [
+        f"## Fused log-probs / S-DPO loss on CPU ({r['date']})",
+        "",
+        f"{r['device']}, torch {r['versions']['torch']}, 1-min load average {r['load_avg_1m']:.2f}; "
+        f"{s['groups']} groups x {s['cands']} candidates x {s['cand_len']} tokens = N {s['N_targets']} targets "
+        f"({s['logit_rows']} distinct logit rows), D {s['dim']}, V {s['vocab']}, {s['dtype']}, forward + backward.",
+        "",
+        "| row | median s | vs eager | vs torch chunked | / bare GEMMs | peak extra MiB (/ eager) "
+        "| excl. grads MiB (/ eager) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for k, t in r["seconds"].items():
+        mem = r["peak_extra_mb"].get(k)
+        if mem is None:
+            total = working = "-"
+        else:
+            total = f"{mem['total']:.0f} ({r['memory_fraction_of_eager'][k]:.3f})"
+            working = f"{mem['working']:.0f} ({r['working_memory_fraction_of_eager'][k]:.3f})"
+        lines.append(
+            f"| {k} | {t:.3f} | {r['speedup_vs_eager'][k]:.2f}x | {r['speedup_vs_torch_chunked'][k]:.2f}x | "
+            f"{r['time_over_bare_gemms'][k]:.2f} | {total} | {working} |"
+        )
+    g = r["bare_gemm_seconds"]
+    lines += [
+        "",
+        f"Bare GEMMs of eager's shapes: logits {g['logits']:.3f} s, dHidden {g['dhidden']:.3f} s, "
+        f"dW {g['dweight']:.3f} s, total {g['total']:.3f} s (timed in the same round robin).",
+        "Peak extra memory: resident-set peak of one step in a fresh process minus the RSS before it; "
+        "'excl. grads' subtracts hidden.grad and weight.grad, the outputs every row produces.",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
