@@ -132,8 +132,6 @@ def validate(model_args: ModelArguments, data_args: DataArguments, train_args: T
         data_args.num_negatives = 1
     if data_args.num_negatives < 1 and train_args.stage != "sft":
         problems.append(f"--num_negatives must be >= 1 for S-DPO, got {data_args.num_negatives}")
-    if data_args.num_negatives > 19 and data_args.dataset != "synthetic" and not data_args.dataset.endswith(".jsonl"):
-        problems.append(f"--num_negatives {data_args.num_negatives}: the paper's datasets have 19 negatives per user")
     if data_args.negatives not in ("random", "hard"):
         problems.append(f"--negatives must be random or hard, got {data_args.negatives!r}")
     if train_args.reference not in ("precompute", "live"):

@@ -306,6 +306,12 @@ def main(argv=None) -> int:
     from .eval import format_table, save_results
 
     splits = load_data(data_args)
+    fewest = min(len(ex.candidates) for ex in splits.train) - 1
+    if train_args.stage != "sft" and data_args.num_negatives > fewest:
+        raise SystemExit(
+            f"--num_negatives {data_args.num_negatives} is above the {fewest} non-target candidates some "
+            "training users have"
+        )
     tokenizer, model = build_model(model_args, splits, out, bf16)
     cache_dir = data_args.cache_dir or os.path.join(out, "cache")
     train_examples = splits.train[: data_args.max_train_examples] if data_args.max_train_examples else splits.train

@@ -39,6 +39,7 @@ def metrics(out):
         (["--dataset", "movielens"], "data not found"),
         (["--deepspeed", "nope.json"], "no such file nope.json"),
         (["--lora", "--lora_targets", "q_proj,w_gate"], r"--lora_targets \['w_gate'\] not found"),
+        (["--num_negatives", "20"], "--num_negatives 20 is above the 19 non-target candidates"),
     ],
 )
 def test_config_errors_before_any_work(tmp_path, args, message):
@@ -67,6 +68,20 @@ def test_resume_reproduces_the_following_losses(tmp_path):
     for got, want in zip(resumed, [m for m in full if m["stage"] == "sdpo"][2:]):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-6, abs=1e-7)
         assert got["reward_accuracy"] == want["reward_accuracy"]
+
+
+def test_lora_live_reference_equals_precomputed_at_the_start(tmp_path):
+    """LoRA B starts at 0, so at step 1 the live reference (adapters off) and the precomputed one
+    (the starting model) are the same model: identical first losses, then training proceeds."""
+    common = ["--stage", "sdpo", "--lora", "--max_train_examples", "16", "--batch_size", "8", "--max_steps", "2",
+              "--eval", "none", "--sdpo_learning_rate", "1e-2"]
+    run_train(common + ["--reference", "live"], tmp_path / "live")
+    shutil.copytree(tmp_path / "live" / "tokenizer", tmp_path / "pre" / "tokenizer")
+    run_train(common, tmp_path / "pre")
+    live, pre = metrics(tmp_path / "live"), metrics(tmp_path / "pre")
+    assert live[0]["loss"] == pytest.approx(pre[0]["loss"], rel=1e-5)
+    assert live[0]["loss"] == pytest.approx(torch.log(torch.tensor(4.0)).item(), rel=1e-5)  # log(1 + K), K = 3
+    assert live[1]["loss"] == pytest.approx(pre[1]["loss"], rel=1e-4)
 
 
 def _final_weights(out, lora):
