@@ -30,7 +30,8 @@ from sdpo_fast.packing import PackedBatch
 
 from .attention_triton import shared_prefix_bwd_dkdv_kernel, shared_prefix_bwd_dq_kernel, shared_prefix_fwd_kernel
 
-__all__ = ["AttentionConfig", "triton_shared_prefix_attention", "query_tiles", "key_tiles"]
+__all__ = ["AttentionConfig", "INTERPRETER_CONFIG", "default_config", "triton_shared_prefix_attention", "query_tiles",
+           "key_tiles"]
 
 _LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -38,29 +39,40 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-    """Block sizes and launch options.
+    """Block sizes and launch options of the three kernels.
 
     fwd_m/fwd_n: queries/keys per block of the forward; dq_m/dq_n: of the dQ kernel; dkdv_n/dkdv_m:
-    keys/queries per block of the dK/dV kernel. Defaults (``default_config``) follow the Triton
-    fused-attention tutorial's Hopper choices; they are not yet tuned for this kernel on a GPU.
+    keys/queries per block of the dK/dV kernel; *_warps, *_stages: Triton's num_warps/num_stages.
+
+    The CUDA defaults were chosen from the sm_90 compiler report (``python -m
+    sdpo_fast.kernels.attention_aot``, no GPU needed): the largest blocks that compile without
+    register spills for head dims 64..128 in bf16 (e.g. Dh=128: forward 220 registers, dQ 173,
+    dK/dV 244, no local memory; with 4 warps or 64x128 dK/dV blocks they spill). They are not yet
+    timed on a GPU.
     """
 
     fwd_m: int = 128
     fwd_n: int = 64
-    dq_m: int = 128
-    dq_n: int = 32
-    dkdv_n: int = 128
-    dkdv_m: int = 32
     fwd_warps: int = 8
     fwd_stages: int = 3
-    bwd_warps: int = 4
-    bwd_stages: int = 3
+    dq_m: int = 128
+    dq_n: int = 32
+    dq_warps: int = 8
+    dq_stages: int = 3
+    dkdv_n: int = 128
+    dkdv_m: int = 32
+    dkdv_warps: int = 8
+    dkdv_stages: int = 2
 
     def __post_init__(self):
         for f in ("fwd_m", "fwd_n", "dq_m", "dq_n", "dkdv_n", "dkdv_m"):
             b = getattr(self, f)
             if b < 16 or b & (b - 1):
                 raise ValueError(f"AttentionConfig.{f} must be a power of two >= 16, got {b}")
+
+
+# Under the CPU interpreter: small blocks (speed of the tests), launch options are ignored there.
+INTERPRETER_CONFIG = AttentionConfig(16, 16, 1, 1, 16, 16, 1, 1, 16, 16, 1, 1)
 
 
 def _interpreting() -> bool:
@@ -70,9 +82,9 @@ def _interpreting() -> bool:
 def default_config(head_dim: int, device: torch.device) -> AttentionConfig:
     """Block sizes for ``head_dim`` on ``device`` (small blocks under the CPU interpreter)."""
     if device.type != "cuda" or _interpreting():
-        return AttentionConfig(16, 16, 16, 16, 16, 16, 1, 1, 1, 1)
-    if head_dim <= 64:
-        return AttentionConfig(fwd_warps=4)
+        return INTERPRETER_CONFIG
+    if head_dim <= 64:  # 235 registers at 3 stages, no spills
+        return AttentionConfig(dkdv_stages=3)
     return AttentionConfig()
 
 
@@ -236,7 +248,7 @@ def _backward(q, k, v, out, lse2, dout, batch, scaling, cfg):
     delta = torch.empty_like(lse2)
     cand = _candidate_ids32(batch)
     consts = dict(H_PER_KV=H // Hkv, HEAD_DIM=Dh, BLOCK_D=max(16, triton.next_power_of_2(Dh)),
-                  DOT_PREC=_dot_precision(q.dtype), num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages)
+                  DOT_PREC=_dot_precision(q.dtype))
     qt = query_tiles(batch, cfg.dq_m)
     shared_prefix_bwd_dq_kernel[(qt.shape[0], H)](
         q, k, v, out, dout, dq, lse2, delta, cand, qt,
@@ -249,7 +261,7 @@ def _backward(q, k, v, out, lse2, dout, batch, scaling, cfg):
         lse2.stride(0), lse2.stride(1),
         cand.stride(0),
         scaling * _LOG2E, scaling,
-        BLOCK_M=cfg.dq_m, BLOCK_N=cfg.dq_n, **consts,
+        BLOCK_M=cfg.dq_m, BLOCK_N=cfg.dq_n, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, **consts,
     )
     kt = key_tiles(batch, cfg.dkdv_n)
     shared_prefix_bwd_dkdv_kernel[(kt.shape[0], Hkv)](
@@ -263,7 +275,7 @@ def _backward(q, k, v, out, lse2, dout, batch, scaling, cfg):
         lse2.stride(0), lse2.stride(1),
         cand.stride(0),
         scaling * _LOG2E, scaling,
-        BLOCK_M=cfg.dkdv_m, BLOCK_N=cfg.dkdv_n, **consts,
+        BLOCK_M=cfg.dkdv_m, BLOCK_N=cfg.dkdv_n, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages, **consts,
     )
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 

@@ -29,9 +29,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _load_rows(base, offs, stride, offs_d, row_mask, d_mask, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
-    """Load ``[len(offs), BLOCK_D]`` rows ``base + offs * stride + d`` (rows masked when asked)."""
-    ptrs = base + offs.to(tl.int64)[:, None] * stride + offs_d[None, :]
+def _row_ptrs(base, start, stride, BLOCK: tl.constexpr, offs_d):
+    # int64 only in the scalar block offset: per-element int32 offsets keep the pointer math (and the
+    # register count) small; a block spans BLOCK rows, far below 2**31 elements.
+    return (base + tl.cast(start, tl.int64) * stride) + (tl.arange(0, BLOCK)[:, None] * stride + offs_d[None, :])
+
+
+@triton.jit
+def _load_rows(base, start, stride, offs_d, row_mask, d_mask, BLOCK: tl.constexpr, MASK_ROWS: tl.constexpr,
+               EVEN_D: tl.constexpr):
+    """Load ``[BLOCK, BLOCK_D]`` rows ``start..start+BLOCK`` of ``base`` (rows masked when asked)."""
+    ptrs = _row_ptrs(base, start, stride, BLOCK, offs_d)
     if MASK_ROWS:
         if EVEN_D:
             return tl.load(ptrs, mask=row_mask[:, None], other=0.0)
@@ -42,8 +50,8 @@ def _load_rows(base, offs, stride, offs_d, row_mask, d_mask, MASK_ROWS: tl.const
 
 
 @triton.jit
-def _store_rows(base, offs, stride, offs_d, row_mask, d_mask, val, EVEN_D: tl.constexpr):
-    ptrs = base + offs.to(tl.int64)[:, None] * stride + offs_d[None, :]
+def _store_rows(base, start, stride, offs_d, row_mask, d_mask, val, BLOCK: tl.constexpr, EVEN_D: tl.constexpr):
+    ptrs = _row_ptrs(base, start, stride, BLOCK, offs_d)
     if EVEN_D:
         tl.store(ptrs, val, mask=row_mask[:, None])
     else:
@@ -62,7 +70,7 @@ def _fwd_visit(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, cand, off
                MODE: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
     offs_n = start + tl.arange(0, BLOCK_N)
     n_mask = offs_n < end
-    k = _load_rows(k_base, offs_n, stride_kl, offs_d, n_mask, d_mask, MODE != 0, EVEN_D)
+    k = _load_rows(k_base, start, stride_kl, offs_d, n_mask, d_mask, BLOCK_N, MODE != 0, EVEN_D)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if MODE == 1:
         s = tl.where(n_mask[None, :], s, float("-inf"))
@@ -75,7 +83,7 @@ def _fwd_visit(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, cand, off
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_rows(v_base, offs_n, stride_vl, offs_d, n_mask, d_mask, MODE != 0, EVEN_D)
+    v = _load_rows(v_base, start, stride_vl, offs_d, n_mask, d_mask, BLOCK_N, MODE != 0, EVEN_D)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, l_i, m_new
 
@@ -115,7 +123,7 @@ def shared_prefix_fwd_kernel(
     k_base = K + row * stride_kr + kvh * stride_kh
     v_base = V + row * stride_vr + kvh * stride_vh
     cand = CAND + row * stride_cr
-    q = _load_rows(q_base, offs_m, stride_ql, offs_d, m_mask, d_mask, True, EVEN_D)
+    q = _load_rows(q_base, q_start, stride_ql, offs_d, m_mask, d_mask, BLOCK_M, True, EVEN_D)
     cq = tl.load(cand + offs_m, mask=m_mask, other=-3)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -134,8 +142,8 @@ def shared_prefix_fwd_kernel(
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    _store_rows(O + row * stride_or + h * stride_oh, offs_m, stride_ol, offs_d, m_mask, d_mask,
-                out.to(O.dtype.element_ty), EVEN_D)
+    _store_rows(O + row * stride_or + h * stride_oh, q_start, stride_ol, offs_d, m_mask, d_mask,
+                out.to(O.dtype.element_ty), BLOCK_M, EVEN_D)
     tl.store(LSE2 + row * stride_lr + h * stride_lh + offs_m, m_i + tl.log2(l_safe), mask=m_mask)
 
 
@@ -145,8 +153,8 @@ def _dq_visit(dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, cand
               MODE: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
     offs_n = start + tl.arange(0, BLOCK_N)
     n_mask = offs_n < end
-    k = _load_rows(k_base, offs_n, stride_kl, offs_d, n_mask, d_mask, MODE != 0, EVEN_D)
-    v = _load_rows(v_base, offs_n, stride_vl, offs_d, n_mask, d_mask, MODE != 0, EVEN_D)
+    k = _load_rows(k_base, start, stride_kl, offs_d, n_mask, d_mask, BLOCK_N, MODE != 0, EVEN_D)
+    v = _load_rows(v_base, start, stride_vl, offs_d, n_mask, d_mask, BLOCK_N, MODE != 0, EVEN_D)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     p = tl.exp2(s - lse2[:, None])
     if MODE == 1:
@@ -197,9 +205,12 @@ def shared_prefix_bwd_dq_kernel(
     k_base = K + row * stride_kr + kvh * stride_kh
     v_base = V + row * stride_vr + kvh * stride_vh
     cand = CAND + row * stride_cr
-    q = _load_rows(Q + row * stride_qr + h * stride_qh, offs_m, stride_ql, offs_d, m_mask, d_mask, True, EVEN_D)
-    do = _load_rows(DO + row * stride_dor + h * stride_doh, offs_m, stride_dol, offs_d, m_mask, d_mask, True, EVEN_D)
-    o = _load_rows(O + row * stride_or + h * stride_oh, offs_m, stride_ol, offs_d, m_mask, d_mask, True, EVEN_D)
+    q = _load_rows(Q + row * stride_qr + h * stride_qh, q_start, stride_ql, offs_d, m_mask, d_mask, BLOCK_M, True,
+                   EVEN_D)
+    do = _load_rows(DO + row * stride_dor + h * stride_doh, q_start, stride_dol, offs_d, m_mask, d_mask, BLOCK_M,
+                    True, EVEN_D)
+    o = _load_rows(O + row * stride_or + h * stride_oh, q_start, stride_ol, offs_d, m_mask, d_mask, BLOCK_M, True,
+                   EVEN_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     stat = row * stride_lr + h * stride_lh + offs_m
     tl.store(DELTA + stat, delta, mask=m_mask)
@@ -217,8 +228,8 @@ def shared_prefix_bwd_dq_kernel(
     for start in range(b_start, q_end, BLOCK_N):
         dq = _dq_visit(dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, cand, offs_m, cq, offs_d,
                        d_mask, start, q_end, qk_scale, 2, BLOCK_N, EVEN_D, DOT_PREC)
-    _store_rows(DQ + row * stride_dqr + h * stride_dqh, offs_m, stride_dql, offs_d, m_mask, d_mask,
-                (dq * sm_scale).to(DQ.dtype.element_ty), EVEN_D)
+    _store_rows(DQ + row * stride_dqr + h * stride_dqh, q_start, stride_dql, offs_d, m_mask, d_mask,
+                (dq * sm_scale).to(DQ.dtype.element_ty), BLOCK_M, EVEN_D)
 
 
 @triton.jit
@@ -227,8 +238,8 @@ def _dkdv_visit(dk, dv, k, v, q_base, do_base, stride_ql, stride_dol, stat_base,
                 MODE: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
     offs_m = start + tl.arange(0, BLOCK_M)
     m_mask = offs_m < end
-    q = _load_rows(q_base, offs_m, stride_ql, offs_d, m_mask, d_mask, MODE != 0, EVEN_D)
-    do = _load_rows(do_base, offs_m, stride_dol, offs_d, m_mask, d_mask, MODE != 0, EVEN_D)
+    q = _load_rows(q_base, start, stride_ql, offs_d, m_mask, d_mask, BLOCK_M, MODE != 0, EVEN_D)
+    do = _load_rows(do_base, start, stride_dol, offs_d, m_mask, d_mask, BLOCK_M, MODE != 0, EVEN_D)
     if MODE == 0:
         lse2 = tl.load(lse2_ptr + stat_base + offs_m)
         delta = tl.load(delta_ptr + stat_base + offs_m)
@@ -283,8 +294,10 @@ def shared_prefix_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     cand = CAND + row * stride_cr
-    k = _load_rows(K + row * stride_kr + kvh * stride_kh, offs_n, stride_kl, offs_d, n_mask, d_mask, True, EVEN_D)
-    v = _load_rows(V + row * stride_vr + kvh * stride_vh, offs_n, stride_vl, offs_d, n_mask, d_mask, True, EVEN_D)
+    k = _load_rows(K + row * stride_kr + kvh * stride_kh, k_start, stride_kl, offs_d, n_mask, d_mask, BLOCK_N, True,
+                   EVEN_D)
+    v = _load_rows(V + row * stride_vr + kvh * stride_vh, k_start, stride_vl, offs_d, n_mask, d_mask, BLOCK_N, True,
+                   EVEN_D)
     ck = tl.load(cand + offs_n, mask=n_mask, other=-2)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -307,7 +320,7 @@ def shared_prefix_bwd_dkdv_kernel(
             dk, dv = _dkdv_visit(dk, dv, k, v, q_base, do_base, stride_ql, stride_dol, stat_base, LSE2, DELTA,
                                  cand, offs_n, ck, offs_d, d_mask, q_full, q_end, qk_scale,
                                  1, BLOCK_M, EVEN_D, DOT_PREC)
-    _store_rows(DK + row * stride_dkr + kvh * stride_dkh, offs_n, stride_dkl, offs_d, n_mask, d_mask,
-                (dk * sm_scale).to(DK.dtype.element_ty), EVEN_D)
-    _store_rows(DV + row * stride_dvr + kvh * stride_dvh, offs_n, stride_dvl, offs_d, n_mask, d_mask,
-                dv.to(DV.dtype.element_ty), EVEN_D)
+    _store_rows(DK + row * stride_dkr + kvh * stride_dkh, k_start, stride_dkl, offs_d, n_mask, d_mask,
+                (dk * sm_scale).to(DK.dtype.element_ty), BLOCK_N, EVEN_D)
+    _store_rows(DV + row * stride_dvr + kvh * stride_dvh, k_start, stride_dvl, offs_d, n_mask, d_mask,
+                dv.to(DV.dtype.element_ty), BLOCK_N, EVEN_D)
