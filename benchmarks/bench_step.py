@@ -75,19 +75,19 @@ PRESETS = {
     "quick": dict(
         modes=["full"], prompt_lens=[256], ks=[1, 3, 7, 15], cand_len=12, groups=2,
         layers=4, hidden=256, intermediate=1024, heads=8, kv_heads=2, vocab=4096, tie=False,
-        dtype="float32", repeats=3, warmup=1,
+        dtype="float32", repeats=3, warmup=1, budget_s=None,
     ),
-    # the full sweep's K range and both modes on a tiny model; prompts a quarter of the GPU ones
+    # the GPU sweep (prompts, K, candidates, both modes) on a tiny model; the check step is the warm-up
     "cpu": dict(
-        modes=["full", "lora"], prompt_lens=[64, 256], ks=[1, 3, 7, 15, 31, 63], cand_len=16, groups=1,
-        layers=2, hidden=128, intermediate=512, heads=4, kv_heads=2, vocab=4096, tie=False,
-        dtype="float32", repeats=3, warmup=1,
+        modes=["full", "lora"], prompt_lens=[256, 1024], ks=[1, 3, 7, 15, 31, 63], cand_len=16, groups=1,
+        layers=2, hidden=64, intermediate=256, heads=4, kv_heads=2, vocab=2048, tie=False,
+        dtype="float32", repeats=3, warmup=0, budget_s=10.0,
     ),
     # Llama-3.2-1B's shape (1.24B parameters, tied embeddings), bf16
     "gpu": dict(
         modes=["full", "lora"], prompt_lens=[256, 1024], ks=[1, 3, 7, 15, 31, 63], cand_len=16, groups=1,
         layers=16, hidden=2048, intermediate=8192, heads=32, kv_heads=8, vocab=128256, tie=True,
-        dtype="bfloat16", repeats=3, warmup=1,
+        dtype="bfloat16", repeats=3, warmup=1, budget_s=None,
     ),
 }
 
@@ -471,8 +471,9 @@ def check_methods(methods, rows, run, args, device) -> list[str]:
 
 
 def time_methods(methods, rows, alive, run, args, device) -> None:
-    """Warm-up steps, then ``args.repeats`` timed steps per method taken in turns (a, b, c, a, b, c, ...)
-    so that a change in the machine's load (shared CPUs) falls on every method alike."""
+    """Warm-up steps, then up to ``args.repeats`` timed steps per method taken in turns (a, b, c, a, b,
+    c, ...) so that a change in the machine's load (shared CPUs) falls on every method alike. A method
+    whose timed steps already took ``args.budget_s`` seconds stops early (at least one step)."""
     model, opt = run["model"], run["opt"]
 
     def drop(key, status):
@@ -484,8 +485,13 @@ def time_methods(methods, rows, alive, run, args, device) -> None:
         if status:
             drop(key, status)
     steps = {key: [] for key in alive}
-    for _ in range(args.repeats):
-        for key in list(alive):
+
+    def wants_more(key):  # up to args.repeats steps, fewer once a method has spent its time budget
+        spent = sum(s["ms"] for s in steps[key]) / 1e3
+        return len(steps[key]) < args.repeats and (args.budget_s is None or not steps[key] or spent < args.budget_s)
+
+    while any(wants_more(key) for key in alive):
+        for key in [key for key in alive if wants_more(key)]:
             step, status = attempt(lambda: timed_step(methods[key], device=device, **run), model, opt, device)
             if status:
                 drop(key, status)
@@ -570,6 +576,7 @@ def environment(args, device, methods, notes) -> dict:
         methods={k: m.label for k, m in methods.items()},
         sdpo_fast_backends={op: backends.resolve(op, "auto", device) for op in ("attention", "logprobs", "sdpo_loss")},
         timing=f"median of {args.repeats} steps after {args.warmup} warm-up step(s)"
+        + (f", fewer once a method's timed steps took {args.budget_s} s" if args.budget_s else "")
         + (" (CUDA events)" if device.type == "cuda" else " (wall clock)"),
         memory=(
             "mem = torch.cuda.max_memory_allocated over the timed steps (weights, optimizer, activations); "
@@ -733,6 +740,7 @@ def plot(meta, rows, summary, path: Path) -> bool:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
         ax_t.set_yscale("log")
+        ax_m.set_yscale("log")
     fig.suptitle(f"S-DPO step, {meta['model']}, {meta['dtype']} on {meta['device']} ({meta['date'][:10]})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -778,6 +786,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--repeats", type=int)
     p.add_argument("--warmup", type=int)
+    p.add_argument("--budget-s", type=float, help="stop timing a method after this many seconds of timed steps (>= 1 step)")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--sdpo-op", choices=("fused", "logprobs"), default="fused",
                    help="(c): fused_sdpo_loss on the hidden states, or candidate_logprobs + sdpo_loss")
