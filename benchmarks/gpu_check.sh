@@ -63,7 +63,7 @@ step bench_logprob 170 "$PY" benchmarks/bench_logprob.py --out "$OUT" --rep-ms 5
     --methods triton,triton_loss,torch,torch_loss,eager,liger,cce
 step bench_logprob_compile 50 "$PY" benchmarks/bench_logprob.py --out "$OUT" --rep-ms 50 \
     --shapes 16384x4096x128256 --methods compile_chunked --tag compile
-# (attention kernels: bench_attention.py line goes here)
+step bench_attention 100 "$PY" benchmarks/bench_attention.py --out "$OUT" --prompts 2048 --ks 3 15 63
 
 # 5. Summary.
 {
