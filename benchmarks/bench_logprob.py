@@ -36,6 +36,9 @@ import sys
 import time
 from pathlib import Path
 
+if "--dry-run" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"
+
 import torch
 
 import sdpo_fast
@@ -130,17 +133,45 @@ def optional_baselines():
 # ------------------------------------------------------------------------------------------------
 
 
-def gpu_rows(n_targets, D, V, dtype, methods, rep_ms):
-    import triton.testing
+class _Cuda:
+    """The CUDA calls of the GPU benchmark; ``_DryRun`` stands in on CPU to exercise the code paths."""
 
-    dev = torch.device("cuda")
+    device = torch.device("cuda")
+
+    @staticmethod
+    def bench(fn, rep_ms):
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=max(10, rep_ms // 4), rep=rep_ms, return_mode="median")
+
+    sync = staticmethod(lambda: torch.cuda.synchronize())
+    reset = staticmethod(lambda: (torch.cuda.empty_cache(), torch.cuda.reset_peak_memory_stats()))
+    peak = staticmethod(lambda: torch.cuda.max_memory_allocated())
+
+
+class _DryRun(_Cuda):
+    device = torch.device("cpu")
+
+    @staticmethod
+    def bench(fn, rep_ms):
+        t0 = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - t0)
+
+    sync = staticmethod(lambda: None)
+    reset = staticmethod(lambda: None)
+    peak = staticmethod(lambda: 0)
+
+
+def gpu_rows(n_targets, D, V, dtype, methods, rep_ms, ops=_Cuda):
+    dev = ops.device
     batch, hidden, weight, ref = make_inputs(n_targets, D, V, dtype, dev)
     Nr, N = batch.logit_rows.shape[0], batch.num_targets
     T = hidden.shape[0]
     elt = hidden.element_size()
     flops1 = 2.0 * Nr * D * V
     shape = dict(N=N, Nr=Nr, T=T, D=D, V=V, dtype=str(dtype).replace("torch.", ""))
-    bench = lambda fn: triton.testing.do_bench(fn, warmup=max(10, rep_ms // 4), rep=rep_ms, return_mode="median")
+    bench = lambda fn: ops.bench(fn, rep_ms)
 
     # Bare cuBLAS matmuls of the same shapes (random operands: zeros run faster).
     h_rows = hidden.index_select(0, batch.logit_rows)
@@ -171,12 +202,11 @@ def gpu_rows(n_targets, D, V, dtype, methods, rep_ms):
     def run_case(method, pass_, fn):
         try:
             fn()  # warm-up / compile
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+            ops.sync()
+            ops.reset()
             fn()
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
+            ops.sync()
+            peak = ops.peak()
             ms = bench(fn)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
@@ -405,6 +435,8 @@ def main(argv=None):
     ap.add_argument("--no-native", action="store_true", help="CPU: skip benchmarks/bench_logprob_cpu.py")
     ap.add_argument("--aot", action="store_true", help="compile the kernels for sm_90 (no GPU needed) and report")
     ap.add_argument("--cpu-child", help=argparse.SUPPRESS)
+    ap.add_argument("--dry-run", action="store_true",
+                    help="run the GPU code paths on CPU (Triton interpreter, wall clock, no memory figures)")
     args = ap.parse_args(argv)
 
     if args.cpu_child:
@@ -415,37 +447,42 @@ def main(argv=None):
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    gpu = torch.cuda.is_available() and not args.cpu
-    extra_text = ""
+    gpu = (torch.cuda.is_available() or args.dry_run) and not args.cpu
+    device = ("dry-run-cpu" if args.dry_run else torch.cuda.get_device_name()) if gpu else "cpu"
+    tag = ("gpu-" + device.replace(" ", "_").replace("/", "_")) if gpu else "cpu"
+    tag += f"-{args.tag}" if args.tag else ""
+    env = environment(device)
+
+    def write(rows, extra_text=""):
+        # Rewritten after every shape: a run stopped by a timeout still leaves what it measured.
+        (out / f"bench_logprob_{tag}.json").write_text(json.dumps(dict(env=env, rows=rows), indent=1))
+        md = markdown(env, rows, gpu, extra_text)
+        (out / f"bench_logprob_{tag}.md").write_text(md)
+        return md
+
     if gpu:
-        device = torch.cuda.get_device_name()
         rows = []
         try:
             from tqdm import tqdm
         except ImportError:  # pragma: no cover
             tqdm = lambda x, **k: x  # noqa: E731
         for n, d, v in tqdm(parse_shapes(args.shapes), desc="shapes"):
-            rows += gpu_rows(n, d, v, getattr(torch, args.dtype), args.methods.split(","), args.rep_ms)
-            torch.cuda.empty_cache()
-        tag = "gpu-" + device.replace(" ", "_").replace("/", "_")
+            rows += gpu_rows(n, d, v, getattr(torch, args.dtype), args.methods.split(","), args.rep_ms,
+                             _DryRun if args.dry_run else _Cuda)
+            md = write(rows)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     else:
-        device = "cpu"
         rows = cpu_rows(args.reps)
-        tag = "cpu"
+        extra_text = ""
         native = REPO / "benchmarks" / "bench_logprob_cpu.py"
         if native.exists() and not args.no_native:
             res = subprocess.run([sys.executable, str(native), "--out", str(out)], capture_output=True, text=True, cwd=REPO)
             extra_text = "\n## Native C++ backend (benchmarks/bench_logprob_cpu.py)\n\n" + res.stdout[-6000:]
             if res.returncode:
                 extra_text += f"\n(exit code {res.returncode}: {res.stderr[-500:]})\n"
-    env = environment(device)
-    if args.tag:
-        tag += "-" + args.tag
-    (out / f"bench_logprob_{tag}.json").write_text(json.dumps(dict(env=env, rows=rows), indent=1))
-    md = markdown(env, rows, gpu, extra_text)
-    (out / f"bench_logprob_{tag}.md").write_text(md)
+        md = write(rows, extra_text)
     print(md)
-
 
 if __name__ == "__main__":
     main()

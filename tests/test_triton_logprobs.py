@@ -132,6 +132,8 @@ def test_sequence_logprobs_and_grads(device, dtype, opts):
     ref = reference_logps(h64, w64, groups, batch)
     (ref * upstream.double()).sum().backward()
     assert (out[~batch.candidate_mask] == 0).all()
+    # Logits stay fp32 inside the kernels whatever the input dtype: log-probs are fp32-accurate.
+    assert rel(out, ref) < 1e-5
     for name, got, r, t in zip(("logps", "dhidden", "dweight"), results["triton"], (ref.detach(), h64.grad, w64.grad),
                                results["torch"]):
         assert torch.isfinite(got).all(), name
@@ -227,6 +229,7 @@ def test_confident_target_cancellation(device, dtype):
     assert abs((out[0, 0] - ref[0, 0]).item()) < 0.02 * abs(tok2) + (1e-4 if dtype != torch.float32 else 1e-6)
     # The same gradient from a softmax rounded to the input dtype before (p - 1) is far worse.
     p_low = torch.softmax(hidden[row].double() @ weight.double().T, 0).to(dtype).double()
+    p_low = p_low.cpu()
     naive_grad_row = -(p_low - torch.nn.functional.one_hot(torch.tensor(11), V).to(p_low)) @ weight.double().cpu()
     if dtype != torch.float32:
         assert rel(naive_grad_row, h64.grad[row].cpu()) > rel(h.grad[row], h64.grad[row])
@@ -269,7 +272,8 @@ def test_ref_hidden_path_and_rerun(device, dtype):
     torch.testing.assert_close(m_a["logps"], m_b["logps"], rtol=0, atol=1e-5)
     ref64 = reference_logps(ref_hidden, weight, groups, batch)
     loss64 = reference_loss(reference_logps(hidden, weight, groups, batch), ref64, groups, batch, 1.0, 0.0)
-    assert abs(loss_a.item() - loss64.item()) < 100 * FLOOR[dtype] * max(1.0, abs(loss64.item()))
+    # Log-probs are fp32-accurate given the 16-bit inputs, so the loss is too.
+    assert abs(loss_a.item() - loss64.item()) < 1e-4 * max(1.0, abs(loss64.item()))
 
 
 def test_bad_inputs():
