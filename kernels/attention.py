@@ -79,10 +79,13 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def default_config(head_dim: int, device: torch.device) -> AttentionConfig:
-    """Block sizes for ``head_dim`` on ``device`` (small blocks under the CPU interpreter)."""
+def default_config(head_dim: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> AttentionConfig:
+    """Block sizes for ``head_dim`` and ``dtype`` on ``device`` (small blocks under the CPU interpreter)."""
     if device.type != "cuda" or _interpreting():
         return INTERPRETER_CONFIG
+    if dtype == torch.float32:  # twice the bytes per tile: halve the blocks to stay in shared memory
+        return AttentionConfig(fwd_m=64, fwd_n=32, fwd_warps=4, fwd_stages=2, dq_m=64, dq_n=32, dq_warps=4,
+                               dq_stages=2, dkdv_n=64, dkdv_m=32, dkdv_warps=4, dkdv_stages=2)
     if head_dim <= 64:  # 235 registers at 3 stages, no spills
         return AttentionConfig(dkdv_stages=3)
     return AttentionConfig()
@@ -316,7 +319,7 @@ def triton_shared_prefix_attention(query, key, value, batch: PackedBatch, scalin
     _check(query, key, value, batch)
     if not math.isfinite(scaling):
         raise ValueError(f"scaling must be finite, got {scaling}")
-    cfg = config or default_config(query.shape[-1], query.device)
+    cfg = config or default_config(query.shape[-1], query.device, query.dtype)
     q, k, v = (_last_dim_contiguous(t) for t in (query, key, value))
     return _SharedPrefixAttention.apply(q, k, v, batch, float(scaling), cfg)
 

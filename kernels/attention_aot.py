@@ -95,7 +95,8 @@ def main(argv=None):
     for dh in args.head_dims:
         import torch
 
-        cfg: AttentionConfig = default_config(dh, torch.device("cuda"))
+        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        cfg: AttentionConfig = default_config(dh, torch.device("cuda"), torch_dtype)
         plans = {
             "fwd": (kernels.shared_prefix_fwd_kernel, cfg.fwd_m, cfg.fwd_n, cfg.fwd_warps, cfg.fwd_stages),
             "dq": (kernels.shared_prefix_bwd_dq_kernel, cfg.dq_m, cfg.dq_n, cfg.dq_warps, cfg.dq_stages),

@@ -112,9 +112,12 @@ def test_mha_mqa_and_mixed_blocks(H, Hkv, Dh):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("Dh", [64, 80, 96, 128])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", list(SPECS))
+@pytest.mark.parametrize(
+    "case,dtype,Dh",
+    [("multi_group_rows", torch.bfloat16, d) for d in (64, 80, 96, 128)]
+    + [("multi_group_rows", torch.float16, 128), ("tiny_and_long", torch.bfloat16, 128)],
+    ids=str,
+)
 def test_cuda_default_blocks(case, dtype, Dh):
     batch = make_batch(SPECS[case]["spec"], **SPECS[case]["pack"])
     check_against_reference(batch, H=8, Hkv=2, Dh=Dh, dtype=dtype, config=None)
