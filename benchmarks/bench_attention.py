@@ -215,11 +215,11 @@ def run_config(prompt_len, k, args, device, dtype, methods):
                 res["max_rel_diff"] = ((got - want).abs().max() / want.abs().max()).item()
                 del out
                 res["fwd_ms"] = bench(lambda: fn(*args_), device)
-            res["fwd_bwd_ms"] = bench(lambda: fn(*args_).backward(grad_out), device, grad_to_none=args_)
             res["fwd_tflops"] = flops_fwd / res["fwd_ms"] * 1e-9
+            res["fwd_bwd_ms"] = bench(lambda: fn(*args_).backward(grad_out), device, grad_to_none=args_)
             res["fwd_bwd_tflops"] = 3.5 * flops_fwd / res["fwd_bwd_ms"] * 1e-9
         except Exception as exc:  # a baseline that cannot run this shape (memory, missing kernel) is reported
-            res = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+            res["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -237,20 +237,20 @@ def write(meta, rows, out_dir: Path, name: str):
         f"{meta['date']}; torch {meta['torch']}, triton {meta['triton']}. Median ms; TFLOP/s on the unmasked "
         "shared-prefix work; x = fwd+bwd time / triton's in the same row; diff = max |out - triton| / max |triton|.",
         "",
-        "| prompt | K | tokens | naive tokens | method | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | x | diff |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| prompt | K | tokens | naive tokens | method | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | x | diff | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = r["methods"].get("triton", {}).get("fwd_bwd_ms")
         head = f"| {r['prompt']} | {r['K']} | {r['tokens']} | {r['naive_tokens']} |"
         for m, res in r["methods"].items():
-            if "error" in res:
-                lines.append(f"{head} {m} | {res['error'][:60]} | | | | | |")
-                continue
-            ratio = f"{res['fwd_bwd_ms'] / base:.2f}" if base else "-"
-            diff = f"{res['max_rel_diff']:.1e}" if "max_rel_diff" in res else "-"
-            lines.append(f"{head} {m} | {res['fwd_ms']:.3f} | {res['fwd_bwd_ms']:.3f} | {res['fwd_tflops']:.3g} | "
-                         f"{res['fwd_bwd_tflops']:.3g} | {ratio} | {diff} |")
+            def cell(key, fmt):
+                return format(res[key], fmt) if key in res else "-"
+
+            ratio = f"{res['fwd_bwd_ms'] / base:.2f}" if base and "fwd_bwd_ms" in res else "-"
+            lines.append(f"{head} {m} | {cell('fwd_ms', '.3f')} | {cell('fwd_bwd_ms', '.3f')} | "
+                         f"{cell('fwd_tflops', '.3g')} | {cell('fwd_bwd_tflops', '.3g')} | {ratio} | "
+                         f"{cell('max_rel_diff', '.1e')} | {res.get('error', '')[:80]} |")
     text = "\n".join(lines) + "\n"
     (out_dir / f"{name}.md").write_text(text)
     return text
