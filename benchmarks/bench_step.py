@@ -743,7 +743,7 @@ def plot(meta, rows, summary, path: Path) -> bool:
         ax_m.set_yscale("log")
     fig.suptitle(f"S-DPO step, {meta['model']}, {meta['dtype']} on {meta['device']} ({meta['date'][:10]})", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return True
 
@@ -794,6 +794,7 @@ def parse_args(argv=None):
                    help="stop when (b) or (c) disagrees with (a) (default: on in float32)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--replot", type=Path, default=None, help="only rewrite the markdown and PNG of this result JSON")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--name", default=None, help="result file stem (default bench_step_<preset>)")
     args = p.parse_args(argv)
@@ -822,6 +823,9 @@ def parse_args(argv=None):
 def main(argv=None, flce_provider=None):
     """Run the sweep and write the results; ``flce_provider`` replaces :func:`fused_linear_ce` (tests)."""
     args = parse_args(argv)
+    if args.replot is not None:
+        result = json.loads(args.replot.read_text())
+        return result["meta"], result["rows"], write(result["meta"], result["rows"], args.replot.parent, args.replot.stem)
     if flce_provider is not None:
         args.flce_provider = flce_provider
     threads = torch.get_num_threads()

@@ -68,6 +68,12 @@ def test_cpu_sweep_writes_json_markdown_png(bench, tmp_path):
     text = paths["md"].read_text()
     assert "## lora, prompt 7 tokens" in text and "![step time and memory vs K](t.png)" in text
 
+    # --replot rebuilds the same markdown (and the PNG) from the JSON alone
+    paths["md"].unlink()
+    paths["png"].unlink()
+    bench.main(["--replot", str(paths["json"])])
+    assert paths["md"].read_text() == text and paths["png"].exists()
+
 
 def test_without_fused_ce_b_is_skipped_with_a_note(bench, tmp_path):
     argv = TINY + ["--ks", "1", "--modes", "lora", "--out", str(tmp_path), "--no-plot"]
