@@ -72,6 +72,7 @@ step bench_logprob 105 "$PY" benchmarks/bench_logprob.py --out "$OUT" --rep-ms 3
 step bench_logprob_compile 30 "$PY" benchmarks/bench_logprob.py --out "$OUT" --rep-ms 30 \
     --shapes 16384x4096x128256 --methods compile_chunked --tag compile
 step bench_attention 100 "$PY" benchmarks/bench_attention.py --out "$OUT" --prompts 2048 --ks 3 15 63
+step bench_step 240 "$PY" benchmarks/bench_step.py --preset gpu --out "$OUT"  # partial rows survive a cut
 
 # 5. Summary.
 {
