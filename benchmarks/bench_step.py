@@ -83,9 +83,10 @@ PRESETS = {
         layers=2, hidden=64, intermediate=256, heads=4, kv_heads=2, vocab=2048, tie=False,
         dtype="float32", repeats=3, warmup=0, budget_s=10.0,
     ),
-    # Llama-3.2-1B's shape (1.24B parameters, tied embeddings), bf16
+    # Llama-3.2-1B's shape (1.24B parameters, tied embeddings), bf16; the goal's shape (LoRA, prompt
+    # 1024) first, so that a run cut short by a time limit has it in its partial results
     "gpu": dict(
-        modes=["full", "lora"], prompt_lens=[256, 1024], ks=[1, 3, 7, 15, 31, 63], cand_len=16, groups=1,
+        modes=["lora", "full"], prompt_lens=[1024, 256], ks=[1, 3, 7, 15, 31, 63], cand_len=16, groups=1,
         layers=16, hidden=2048, intermediate=8192, heads=32, kv_heads=8, vocab=128256, tie=True,
         dtype="bfloat16", repeats=3, warmup=1, budget_s=None,
     ),
@@ -754,13 +755,20 @@ def write(meta, rows, out_dir: Path, name: str, make_plot: bool = True) -> dict:
     summary = summarize(rows)
     paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md"}
     result = {"meta": meta, "summary": summary, "largest_k": largest_fitting_k(rows), "rows": rows}
-    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
+    _write_text(paths["json"], json.dumps(result, indent=2) + "\n")
     text = markdown(meta, rows, summary)
     if make_plot and plot(meta, rows, summary, out_dir / f"{name}.png"):
         paths["png"] = out_dir / f"{name}.png"
         text = text.replace("\n## All rows", f"\n![step time and memory vs K]({name}.png)\n\n## All rows", 1)
-    paths["md"].write_text(text)
+    _write_text(paths["md"], text)
     return paths
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write through a temporary file, so a run killed by a time limit never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -815,7 +823,7 @@ def parse_args(argv=None):
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.hidden % args.heads or args.heads % args.kv_heads:
         raise ValueError(f"hidden ({args.hidden}) must divide by heads ({args.heads}), heads by kv heads ({args.kv_heads})")
-    args.modes = sorted(args.modes, key=("full", "lora").index)
+    args.modes = list(dict.fromkeys(args.modes))
     args.flce_provider = fused_linear_ce
     return args
 
