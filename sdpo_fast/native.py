@@ -5,8 +5,10 @@ time (``pip install --no-build-isolation -e .``, what ``.ci/run`` does). Otherwi
 ``pip install -e .`` builds in an isolated environment without torch) it is compiled on first use with
 ``torch.utils.cpp_extension.load`` from the checkout's ``csrc/`` and cached in torch's extension
 directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); that takes about a minute
-once. ``SDPO_FAST_NO_EXT=1`` skips both. When no extension can be had, importing this module raises
-ImportError with the reason, ``backends`` turns it into one warning, and ``"auto"`` uses ``"torch"``.
+once. A prebuilt ``sdpo_fast._native`` wins over the JIT build: after editing csrc/ rebuild it
+(``python setup.py build_ext --inplace`` or reinstall). ``SDPO_FAST_NO_EXT=1`` skips both. When no
+extension can be had, importing this module raises ImportError with the reason, ``backends`` turns it
+into one warning, and ``"auto"`` uses ``"torch"``.
 
 Both ops take ``tile_elements`` (fp32 logits held at once, default ``2**23`` = 32 MiB): the S-DPO
 loss keeps every group whose logit rows fit it in one tile and reuses the tile for the gradients
@@ -46,8 +48,12 @@ def _jit_build():
     if scripts and scripts not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
     name = "sdpo_fast_native"
-    build_dir = cpp_extension._get_build_directory(name, verbose=False)
-    if not os.path.exists(os.path.join(build_dir, f"{name}.so")):
+    try:  # private helper, only for the progress note
+        build_dir = cpp_extension._get_build_directory(name, verbose=False)
+        fresh = not os.path.exists(os.path.join(build_dir, f"{name}.so"))
+    except Exception:  # noqa: BLE001
+        build_dir, fresh = "torch's extension directory", True
+    if fresh:
         print(f"sdpo_fast: compiling the native CPU extension into {build_dir} (once, about a minute)", file=sys.stderr)
     try:
         return cpp_extension.load(
