@@ -307,61 +307,6 @@ def cpu_rows(reps: int):
 
 
 # ------------------------------------------------------------------------------------------------
-# ahead-of-time compile for Hopper (no GPU needed)
-# ------------------------------------------------------------------------------------------------
-
-
-def aot_report(arch: int = 90) -> str:
-    """Compile the log-prob kernels for ``sm_<arch>`` with the divisibility hints the JIT gives at run
-    time (pointers, D and strides divisible by 16) and report shared memory, registers, stack and the
-    load / matrix instructions in the PTX: 16-byte ``cp.async`` loads and ``wgmma`` are what we want."""
-    import re
-    from collections import Counter
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    os.environ.pop("TRITON_INTERPRET", None)
-    from sdpo_fast.kernels import logprobs as lp
-
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    target = GPUTarget("cuda", arch, 32)
-    p16, pf, pi = "*bf16", "*fp32", "*i64"
-    blocks = dict(BLOCK_M=128, BLOCK_V=128, BLOCK_D=64)
-    kernels = [
-        (lp._lse_kernel, dict(h_ptr=p16, w_ptr=p16, rows_ptr=pi, m_ptr=pf, s_ptr=pf, Nr="i32", V="i32", D="i32",
-                              stride_h="i32", stride_w="i32", tiles_per_split="i32"), dict(blocks, PREC="tf32")),
-        (lp._target_kernel, dict(h_ptr=p16, w_ptr=p16, rows_ptr=pi, t_rows_ptr=pi, t_ids_ptr=pi, t_cands_ptr=pi,
-                                 lse_ptr=pf, out_ptr=pf, N="i32", D="i32", stride_h="i32", stride_w="i32"),
-         dict(BLOCK_T=32, BLOCK_D=64)),
-        (lp._dlogits_kernel, dict(h_ptr=p16, w_ptr=p16, rows_ptr=pi, lse_ptr=pf, g_row_ptr=pf, row_ptr_ptr=pi,
-                                  t_ids_ptr=pi, g_t_ptr=pf, out_ptr=p16, Nr="i32", V="i32", D="i32", v0="i32",
-                                  n_cols="i32", stride_h="i32", stride_w="i32", stride_out="i32"),
-         dict(blocks, GROUP_M=8, PREC="tf32")),
-    ]
-    lines = [f"| kernel | shared B | registers / stack | PTX loads and MMA (sm_{arch}, bf16) |", "|---|---|---|---|"]
-    for fn, sig, const in kernels:
-        names = list(sig) + list(const)
-        hinted = [n for n, t in sig.items() if t.startswith("*") or n in ("D", "stride_h", "stride_w", "stride_out")]
-        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in hinted}
-        full_sig = dict(sig, **{k: "constexpr" for k in const})
-        k = triton.compile(ASTSource(fn, full_sig, const, attrs), target=target, options=dict(num_warps=8, num_stages=3))
-        ops = re.findall(r"^\s*(?:@%p\d+\s+)?([a-z][a-z0-9_.:]+)", k.asm["ptx"], re.M)
-        counts = Counter(o for o in ops if o.startswith(("ld.global", "cp.async.cg", "cp.async.ca", "wgmma.mma", "mma.")))
-        res = ""
-        if cuobjdump.exists():
-            cubin = Path("/tmp") / f"sdpo_{fn.__name__}.cubin"
-            cubin.write_bytes(k.asm["cubin"])
-            out = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
-            m = re.search(r"REG:(\d+) STACK:(\d+)", out)
-            res = f"{m.group(1)} / {m.group(2)}" if m else ""
-        lines.append(f"| {fn.__name__} | {k.metadata.shared} | {res} | "
-                     + ", ".join(f"{n} x{c}" for n, c in sorted(counts.items())) + " |")
-    return "\n".join(lines) + "\n"
-
-
-# ------------------------------------------------------------------------------------------------
 # reporting
 # ------------------------------------------------------------------------------------------------
 
@@ -443,6 +388,9 @@ def main(argv=None):
         print(json.dumps(cpu_child(args.cpu_child, args.reps)))
         return
     if args.aot:
+        os.environ.pop("TRITON_INTERPRET", None)
+        from sdpo_fast.kernels.logprobs_aot import aot_report
+
         print(aot_report())
         return
     out = Path(args.out)
