@@ -136,6 +136,29 @@ def test_frozen_weight_both_ops():
     torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_frozen_hidden_and_3d_hidden():
+    """Only dW wanted (hidden without grad), hidden given as [R, L, D]."""
+    groups = random_groups(7)
+    batch = sdpo_fast.pack_groups(groups, max_tokens_per_row=30)
+    R, L = batch.shape
+    h, w = leaves(R * L, seed=7)
+    h = h.detach().view(R, L, D)
+    h64, w64 = fp64_copies(h.view(R * L, D), w)
+    ref = torch.randn(batch.candidate_mask.shape) - 6.0
+    loss, _ = fused_sdpo_loss(h, w, batch, ref, backend="native")
+    loss.backward()
+    naive_loss(naive_logps(h64, w64, groups, batch), ref.double(), batch, 1.0, 0.0).backward()
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+
+    w.grad = w64.grad = h64.grad = None
+    h3 = h.clone().requires_grad_(True)
+    sdpo_fast.sequence_logprobs(h3, w, batch, backend="native").sum().backward()
+    naive_logps(h64, w64, groups, batch).sum().backward()
+    assert h3.grad.shape == (R, L, D)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(h3.grad.view(R * L, D).double(), h64.grad, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("sft_weight", [0.0, 0.4])
 def test_shared_rows_and_repeated_tokens(sft_weight):
     """Candidates of one token (every target on the prompt's shared last row), repeated first tokens
