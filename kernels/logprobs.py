@@ -20,6 +20,8 @@ Gradient pass, over vocabulary slices ``[v0, v0 + S)`` (bounded extra memory ``N
     then two GEMMs on the slice: ``dW[v0:v0+S] = dlogits^T @ h`` (complete reduction over all rows in
     one GEMM: fp32 accumulation, one rounding) and ``dh += dlogits @ W[v0:v0+S]`` (fp32 accumulator
     when there is more than one slice). ``dW`` is skipped when the weight is frozen.
+The fused loss (``triton_sdpo_loss``) can keep the forward's fp32 logits when ``[Nr, V]`` fits
+``reuse_logits_bytes``; the gradient pass then reads them instead of recomputing (3 GEMMs, not 4).
 
 All index arithmetic that can exceed 2**31 (row * D, id * D, row * S) is int64; every grid is 1-D.
 """
@@ -37,9 +39,11 @@ from sdpo_fast.packing import PackedBatch
 __all__ = ["triton_sequence_logprobs", "triton_sdpo_loss", "logprobs_forward", "logprobs_grad"]
 
 # Default tile shapes on CUDA (bf16/fp16, D = 4096): 128 x 128 logit tiles, D in steps of 64.
-_CUDA_DEFAULTS = dict(block_m=128, block_v=128, block_d=64, block_t=32, num_warps=8, num_stages=3, group_m=8)
+_CUDA_DEFAULTS = dict(block_m=128, block_v=128, block_d=64, block_t=32, num_warps=8, num_stages=3, group_m=8,
+                      reuse_logits_bytes=1 << 30)
 # Interpreter (tests on CPU): small tiles keep numpy work and the number of programs low.
-_CPU_DEFAULTS = dict(block_m=16, block_v=64, block_d=32, block_t=16, num_warps=4, num_stages=1, group_m=4)
+_CPU_DEFAULTS = dict(block_m=16, block_v=64, block_d=32, block_t=16, num_warps=4, num_stages=1, group_m=4,
+                     reuse_logits_bytes=0)
 # dlogits slice: elements of the [Nr, S] buffer (2**26 bf16 = 128 MiB; at Nr = 16k, S = 4096 columns,
 # so each slice's two GEMMs are still [16k x 4096 x 4096]-sized).
 _SLICE_ELEMENTS = 1 << 26
@@ -68,10 +72,12 @@ def _logit_tile(h_ptr, w_ptr, rows, row_mask, cols, col_mask, D, stride_h, strid
 
 
 @triton.jit
-def _lse_kernel(h_ptr, w_ptr, rows_ptr, m_ptr, s_ptr, Nr, V, D, stride_h, stride_w, tiles_per_split,
-                BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+def _lse_kernel(h_ptr, w_ptr, rows_ptr, m_ptr, s_ptr, x_ptr, Nr, V, D, stride_h, stride_w, tiles_per_split,
+                BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                STORE: tl.constexpr):
     """Partial logsumexp of rows ``[BLOCK_M]`` over one vocabulary split: ``m = max``, ``s = sum exp(x - m)``
-    stored at ``[split, row]`` of ``m_ptr`` / ``s_ptr`` (fp32 ``[S, Nr]``)."""
+    stored at ``[split, row]`` of ``m_ptr`` / ``s_ptr`` (fp32 ``[S, Nr]``). With STORE, the fp32 logits
+    also go to ``x_ptr`` (``[Nr, V]``) for a gradient pass that reuses them."""
     pid = tl.program_id(0)
     n_mb = tl.cdiv(Nr, BLOCK_M)
     # Row blocks vary fastest: neighbouring programs read the same weight tiles (L2 reuse).
@@ -89,6 +95,12 @@ def _lse_kernel(h_ptr, w_ptr, rows_ptr, m_ptr, s_ptr, Nr, V, D, stride_h, stride
         col_mask = cols < V
         x = _logit_tile(h_ptr, w_ptr, rows, row_mask, cols, col_mask, D, stride_h, stride_w,
                         BLOCK_M, BLOCK_V, BLOCK_D, PREC)
+        if STORE:
+            # 64-bit tile base, 32-bit offsets inside the tile: int64 per-element addresses spill
+            # (255 registers + 424 stack bytes at 128 x 128, sm_90).
+            x_tile = x_ptr + (pid_m * BLOCK_M).to(tl.int64) * V + t * BLOCK_V
+            loc = tl.arange(0, BLOCK_M)[:, None] * V + tl.arange(0, BLOCK_V)[None, :]
+            tl.store(x_tile + loc, x, mask=row_mask[:, None] & col_mask[None, :])
         x = tl.where(col_mask[None, :], x, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(x, axis=1))
         s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
@@ -120,12 +132,13 @@ def _target_kernel(h_ptr, w_ptr, rows_ptr, t_rows_ptr, t_ids_ptr, t_cands_ptr, l
 
 
 @triton.jit
-def _dlogits_kernel(h_ptr, w_ptr, rows_ptr, lse_ptr, g_row_ptr, row_ptr_ptr, t_ids_ptr, g_t_ptr, out_ptr,
+def _dlogits_kernel(h_ptr, w_ptr, rows_ptr, x_ptr, lse_ptr, g_row_ptr, row_ptr_ptr, t_ids_ptr, g_t_ptr, out_ptr,
                     Nr, V, D, v0, n_cols, stride_h, stride_w, stride_out,
                     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                    GROUP_M: tl.constexpr, PREC: tl.constexpr):
+                    GROUP_M: tl.constexpr, PREC: tl.constexpr, STORED: tl.constexpr):
     """``out[r, c] = sum_{t in row r} g_t [id_t == v0 + c] - g_row[r] * softmax(logits[r])[v0 + c]``
-    for one ``[BLOCK_M, BLOCK_V]`` tile of the slice ``[v0, v0 + n_cols)``, in fp32, then cast."""
+    for one ``[BLOCK_M, BLOCK_V]`` tile of the slice ``[v0, v0 + n_cols)``, in fp32, then cast. The
+    logits are recomputed, or with STORED read from the forward's fp32 ``x_ptr`` ``[Nr, V]``."""
     pid = tl.program_id(0)
     n_mb = tl.cdiv(Nr, BLOCK_M)
     n_vb = tl.cdiv(n_cols, BLOCK_V)
@@ -142,8 +155,14 @@ def _dlogits_kernel(h_ptr, w_ptr, rows_ptr, lse_ptr, g_row_ptr, row_ptr_ptr, t_i
     local = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = local < n_cols
     cols = v0 + local
-    x = _logit_tile(h_ptr, w_ptr, rows, row_mask, cols, col_mask & (cols < V), D, stride_h, stride_w,
-                    BLOCK_M, BLOCK_V, BLOCK_D, PREC)
+    tile_m = (pid_m * BLOCK_M).to(tl.int64)
+    if STORED:
+        x_tile = x_ptr + tile_m * V + v0 + pid_v * BLOCK_V
+        loc = tl.arange(0, BLOCK_M)[:, None] * V + tl.arange(0, BLOCK_V)[None, :]
+        x = tl.load(x_tile + loc, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+    else:
+        x = _logit_tile(h_ptr, w_ptr, rows, row_mask, cols, col_mask & (cols < V), D, stride_h, stride_w,
+                        BLOCK_M, BLOCK_V, BLOCK_D, PREC)
     lse = tl.load(lse_ptr + offs_m, mask=row_mask, other=0.0)
     g_row = tl.load(g_row_ptr + offs_m, mask=row_mask, other=0.0)
     d = -g_row[:, None] * tl.exp(x - lse[:, None])
@@ -156,8 +175,9 @@ def _dlogits_kernel(h_ptr, w_ptr, rows_ptr, lse_ptr, g_row_ptr, row_ptr_ptr, t_i
         tid = tl.load(t_ids_ptr + t_lo + k, mask=has, other=-1)
         g_k = tl.load(g_t_ptr + t_lo + k, mask=has, other=0.0)
         d += tl.where(cols[None, :] == tid[:, None], g_k[:, None], 0.0)
-    out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_out + local[None, :]
-    tl.store(out, d.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+    out_tile = out_ptr + tile_m * stride_out + pid_v * BLOCK_V
+    loc = tl.arange(0, BLOCK_M)[:, None] * stride_out + tl.arange(0, BLOCK_V)[None, :]
+    tl.store(out_tile + loc, d.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,6 +198,8 @@ def _options(device: torch.device, options: dict) -> dict:
     for name in ("block_m", "block_v", "block_d"):
         if opts[name] < 16:
             raise ValueError(f"{name} must be >= 16 (tl.dot tile), got {opts[name]}")
+    if not isinstance(opts["reuse_logits_bytes"], int) or opts["reuse_logits_bytes"] < 0:
+        raise ValueError(f"reuse_logits_bytes must be an int >= 0, got {opts['reuse_logits_bytes']!r}")
     for name in ("v_splits", "slice_cols"):
         if opts.get(name) is not None and (not isinstance(opts[name], int) or opts[name] < 1):
             raise ValueError(f"{name} must be a positive int, got {opts[name]!r}")
@@ -199,10 +221,11 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor):
             weight if weight.stride(-1) == 1 else weight.contiguous())
 
 
-def logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, batch: PackedBatch, opts: dict):
+def logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, batch: PackedBatch, opts: dict, store=None):
     """Log-probs of every candidate.
 
-    Args: hidden ``[T, D]``, weight ``[V, D]`` (same dtype, last dim contiguous), batch, resolved opts.
+    Args: hidden ``[T, D]``, weight ``[V, D]`` (same dtype, last dim contiguous), batch, resolved opts;
+        store: optional fp32 ``[Nr, V]`` that receives the logits (for ``logprobs_grad(stored=...)``).
     Returns: ``(lse [Nr] fp32, logps [G * C] fp32)``.
     """
     rows = batch.logit_rows
@@ -223,8 +246,9 @@ def logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, batch: PackedBa
     s = torch.empty_like(m)
     if Nr:
         _lse_kernel[(n_mb * splits,)](
-            hidden, weight, rows, m, s, Nr, V, D, hidden.stride(0), weight.stride(0), tiles_per_split,
-            BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd, PREC=prec, num_warps=opts["num_warps"], num_stages=opts["num_stages"],
+            hidden, weight, rows, m, s, m if store is None else store, Nr, V, D, hidden.stride(0), weight.stride(0),
+            tiles_per_split, BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd, PREC=prec, STORE=store is not None,
+            num_warps=opts["num_warps"], num_stages=opts["num_stages"],
         )
     if splits == 1:
         lse = m[0] + torch.log(s[0])
@@ -272,12 +296,14 @@ def _mm_acc(out32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         return
 
 
-def logprobs_grad(hidden, weight, batch: PackedBatch, lse, grad_logps, need_h: bool, need_w: bool, opts: dict):
+def logprobs_grad(hidden, weight, batch: PackedBatch, lse, grad_logps, need_h: bool, need_w: bool, opts: dict,
+                  stored=None):
     """Gradients of ``sum(grad_logps * logps)``.
 
     Args:
         hidden ``[T, D]``, weight ``[V, D]``, lse ``[Nr]`` fp32 from ``logprobs_forward``,
-        grad_logps ``[G * C]`` (dL/dlogp per candidate).
+        grad_logps ``[G * C]`` (dL/dlogp per candidate), stored: the forward's fp32 logits ``[Nr, V]``
+        (then no logit tile is recomputed: three GEMMs in all instead of four), or None.
     Returns:
         ``(dhidden [T, D] or None, dweight [V, D] or None)`` in the input dtypes; dhidden is zero
         outside ``batch.logit_rows``.
@@ -307,9 +333,9 @@ def logprobs_grad(hidden, weight, batch: PackedBatch, lse, grad_logps, need_h: b
         if Nr:
             grid = (triton.cdiv(Nr, bm) * triton.cdiv(n, bv),)
             _dlogits_kernel[grid](
-                hidden, weight, rows, lse, g_row, batch.row_ptr, batch.target_ids, g_t, part,
-                Nr, V, D, v0, n, hidden.stride(0), weight.stride(0), buf.stride(0),
-                BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd, GROUP_M=opts["group_m"], PREC=prec,
+                hidden, weight, rows, lse if stored is None else stored, lse, g_row, batch.row_ptr, batch.target_ids,
+                g_t, part, Nr, V, D, v0, n, hidden.stride(0), weight.stride(0), buf.stride(0),
+                BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd, GROUP_M=opts["group_m"], PREC=prec, STORED=stored is not None,
                 num_warps=opts["num_warps"], num_stages=opts["num_stages"],
             )
         if need_w:
@@ -357,14 +383,22 @@ def triton_sequence_logprobs(hidden, weight, batch: PackedBatch, **options) -> t
 
 def triton_sdpo_loss(hidden, weight, batch: PackedBatch, ref_logps, beta, sft_weight, need_h, need_w, **options):
     """``"sdpo_loss"`` backend: ``(loss_g [G] fp32, logps [G, C] fp32, dhidden [T, D] | None,
-    dweight [V, D] | None)``, the gradients being those of ``sum_g loss_g``."""
+    dweight [V, D] | None)``, the gradients being those of ``sum_g loss_g``.
+
+    Options as ``triton_sequence_logprobs``, plus reuse_logits_bytes: when the fp32 logits ``[Nr, V]``
+    take at most this many bytes (default 1 GiB on CUDA, 0 on CPU) the forward keeps them and the
+    gradient pass reads them instead of recomputing (three GEMMs instead of four)."""
     hidden, weight = _check(hidden, weight)
     opts = _options(hidden.device, options)
+    Nr, V = batch.logit_rows.shape[0], weight.shape[0]
     with torch.no_grad():
-        lse, logps = logprobs_forward(hidden, weight, batch, opts)
+        # Small enough: keep the forward's fp32 logits and skip the recompute GEMM of the gradient pass.
+        reuse = (need_h or need_w) and Nr * V * 4 <= opts["reuse_logits_bytes"]
+        store = torch.empty(Nr, V, dtype=torch.float32, device=hidden.device) if reuse else None
+        lse, logps = logprobs_forward(hidden, weight, batch, opts, store)
         logps = logps.view(batch.candidate_mask.shape)
         loss_g, grad = group_loss_and_grad(logps, ref_logps, batch.candidate_mask, batch.candidate_lens, beta, sft_weight)
-        dh, dw = logprobs_grad(hidden, weight, batch, lse, grad.flatten(), need_h, need_w, opts)
+        dh, dw = logprobs_grad(hidden, weight, batch, lse, grad.flatten(), need_h, need_w, opts, store)
     return loss_g, logps, dh, dw
 
 

@@ -20,7 +20,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-_HINTED = ("D", "stride_h", "stride_w", "stride_out")
+_HINTED = ("D", "V", "v0", "n_cols", "stride_h", "stride_w", "stride_out")  # D = 4096, V = 128256, S = k * 128
 
 
 def _kernels():
@@ -29,16 +29,19 @@ def _kernels():
     d = lp._CUDA_DEFAULTS
     _BLOCKS = dict(BLOCK_M=d["block_m"], BLOCK_V=d["block_v"], BLOCK_D=d["block_d"])
     p16, pf, pi = "*bf16", "*fp32", "*i64"
+    lse_sig = dict(h_ptr=p16, w_ptr=p16, rows_ptr=pi, m_ptr=pf, s_ptr=pf, x_ptr=pf, Nr="i32", V="i32", D="i32",
+                   stride_h="i32", stride_w="i32", tiles_per_split="i32")
+    dl_sig = dict(h_ptr=p16, w_ptr=p16, rows_ptr=pi, x_ptr=pf, lse_ptr=pf, g_row_ptr=pf, row_ptr_ptr=pi, t_ids_ptr=pi,
+                  g_t_ptr=pf, out_ptr=p16, Nr="i32", V="i32", D="i32", v0="i32", n_cols="i32", stride_h="i32",
+                  stride_w="i32", stride_out="i32")
     return [
-        (lp._lse_kernel, dict(h_ptr=p16, w_ptr=p16, rows_ptr=pi, m_ptr=pf, s_ptr=pf, Nr="i32", V="i32", D="i32",
-                              stride_h="i32", stride_w="i32", tiles_per_split="i32"), dict(_BLOCKS, PREC="tf32"), True),
+        (lp._lse_kernel, lse_sig, dict(_BLOCKS, PREC="tf32", STORE=False), True),
+        (lp._lse_kernel, lse_sig, dict(_BLOCKS, PREC="tf32", STORE=True), True),
         (lp._target_kernel, dict(h_ptr=p16, w_ptr=p16, rows_ptr=pi, t_rows_ptr=pi, t_ids_ptr=pi, t_cands_ptr=pi,
                                  lse_ptr=pf, out_ptr=pf, N="i32", D="i32", stride_h="i32", stride_w="i32"),
          dict(BLOCK_T=d["block_t"], BLOCK_D=d["block_d"]), False),
-        (lp._dlogits_kernel, dict(h_ptr=p16, w_ptr=p16, rows_ptr=pi, lse_ptr=pf, g_row_ptr=pf, row_ptr_ptr=pi,
-                                  t_ids_ptr=pi, g_t_ptr=pf, out_ptr=p16, Nr="i32", V="i32", D="i32", v0="i32",
-                                  n_cols="i32", stride_h="i32", stride_w="i32", stride_out="i32"),
-         dict(_BLOCKS, GROUP_M=d["group_m"], PREC="tf32"), True),
+        (lp._dlogits_kernel, dl_sig, dict(_BLOCKS, GROUP_M=d["group_m"], PREC="tf32", STORED=False), True),
+        (lp._dlogits_kernel, dl_sig, dict(_BLOCKS, GROUP_M=d["group_m"], PREC="tf32", STORED=True), False),
     ]
 
 
@@ -78,7 +81,8 @@ def compile_report(arch: int = 90) -> list[dict]:
                 m = re.search(r"REG:(\d+) STACK:(\d+)", res)
                 if m:
                     regs, stack = int(m.group(1)), int(m.group(2))
-            out.append(dict(name=fn.__name__, shared=k.metadata.shared, regs=regs, stack=stack, ops=dict(counts), gemm=gemm))
+            flags = "".join(f" {k}" for k in ("STORE", "STORED") if const.get(k))
+            out.append(dict(name=fn.__name__ + flags, shared=k.metadata.shared, regs=regs, stack=stack, ops=dict(counts), gemm=gemm))
     return out
 
 

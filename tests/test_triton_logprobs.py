@@ -143,16 +143,20 @@ def test_sequence_logprobs_and_grads(device, dtype, opts):
     assert (dh[others] == 0).all()  # prompt bodies and padding get exactly zero gradient
 
 
+@pytest.mark.parametrize("reuse", [False, True], ids=["recompute", "reuse-logits"])
 @pytest.mark.parametrize("sft_weight", [0.0, 0.5])
 @pytest.mark.parametrize("device,dtype", CASES)
-def test_fused_sdpo_loss(device, dtype, sft_weight):
+def test_fused_sdpo_loss(device, dtype, sft_weight, reuse):
+    """Loss, log-probs and both gradients; the gradient pass either recomputes the logit tiles or
+    reads the forward's stored fp32 logits."""
     groups, batch, hidden, weight = setup(device, dtype, seed=3, n_groups=5)
     beta = 0.7
     G, C = batch.candidate_mask.shape
     ref_logps = (reference_logps(hidden, weight, groups, batch) + torch.randn(G, C, device=device)).float()
     ref_logps = ref_logps * batch.candidate_mask
     results = {}
-    for backend, kw in (("triton", options_for(device, SPLIT)), ("torch", {})):
+    opts = dict(options_for(device, SPLIT), reuse_logits_bytes=(1 << 30) if reuse else 0)
+    for backend, kw in (("triton", opts), ("torch", {})):
         h = hidden.clone().requires_grad_(True)
         w = weight.clone().requires_grad_(True)
         loss, metrics = fused_sdpo_loss(h, w, batch, ref_logps, beta=beta, sft_weight=sft_weight, backend=backend, **kw)
@@ -331,4 +335,4 @@ def test_kernels_compile_for_hopper():
     res = subprocess.run([sys.executable, "-m", "sdpo_fast.kernels.logprobs_aot", "--check"], env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert sum(line.startswith("| _") for line in res.stdout.splitlines()) == 3, res.stdout
+    assert sum(line.startswith("| _") for line in res.stdout.splitlines()) == 5, res.stdout
