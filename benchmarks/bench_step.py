@@ -71,7 +71,7 @@ LABELS = {"a": "paper: repeated prompt, full logits", "b": "paper + fused linear
 
 # Settings a preset fixes; every one can be overridden on the command line.
 PRESETS = {
-    # the foundation's quick CPU comparison (same model and shape as before)
+    # the default: a quick CPU comparison (full-parameter, prompt 256, K up to 15)
     "quick": dict(
         modes=["full"], prompt_lens=[256], ks=[1, 3, 7, 15], cand_len=12, groups=2,
         layers=4, hidden=256, intermediate=1024, heads=8, kv_heads=2, vocab=4096, tie=False,

@@ -106,3 +106,19 @@ def test_out_of_memory_is_marked_and_the_sweep_goes_on(bench, tmp_path, monkeypa
 def test_bad_arguments_raise(bench, bad):
     with pytest.raises(ValueError):
         bench.parse_args(TINY + bad)
+
+
+@pytest.mark.gpu
+def test_gpu_path_tiny_bf16(bench, tmp_path):
+    """The GPU code path (bf16, CUDA events, max_memory_allocated, Triton backends) on a tiny model."""
+    argv = [
+        "--preset", "gpu", "--device", "cuda", "--layers", "2", "--hidden", "128", "--intermediate", "256",
+        "--heads", "4", "--kv-heads", "2", "--vocab", "1000", "--prompt-lens", "64", "--ks", "1", "7",
+        "--repeats", "2", "--out", str(tmp_path), "--no-plot",
+    ]
+    meta, rows, _ = bench.main(argv, flce_provider=reference_flce)
+    assert meta["dtype"] == "bfloat16" and meta["sdpo_fast_backends"]["sdpo_loss"] == "triton"
+    for r in rows:
+        assert r["status"] == "ok" and r["ms"] > 0 and r["mem_mib"] >= r["step_mib"] > 0, r
+        if r["method"] != "a":
+            assert r["check"] == "ok", r
