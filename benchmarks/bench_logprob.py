@@ -223,9 +223,9 @@ def gpu_rows(n_targets, D, V, dtype, methods, rep_ms, ops=_Cuda):
     h_req = hidden.detach().requires_grad_(True)
     w_req = weight.detach().requires_grad_(True)
 
-    def loss_step(backend):
+    def loss_step(backend, **kw):
         def step():
-            loss, _ = fused_sdpo_loss(h_req, w_req, batch, ref, backend=backend)
+            loss, _ = fused_sdpo_loss(h_req, w_req, batch, ref, backend=backend, **kw)
             return torch.autograd.grad(loss, (h_req, w_req))
         return step
 
@@ -241,6 +241,8 @@ def gpu_rows(n_targets, D, V, dtype, methods, rep_ms, ops=_Cuda):
         if method in ("triton_loss", "torch_loss"):
             backend = method.split("_")[0]
             run_case(f"{backend} fused_sdpo_loss", "fwd+bwd", loss_step(backend))
+        elif method == "triton_loss_recompute":  # the 4-GEMM path even where the logits would fit
+            run_case("triton fused_sdpo_loss (recompute)", "fwd+bwd", loss_step("triton", reuse_logits_bytes=0))
         elif method in fns:
             fn = fns[method]
             with torch.no_grad():
@@ -373,7 +375,8 @@ def main(argv=None):
     ap.add_argument("--shapes", default="4096x4096x32000,16384x4096x32000,4096x4096x128256,16384x4096x128256",
                     help="comma-separated NxDxV (N target tokens)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--methods", default="triton,triton_loss,torch,torch_loss,eager,compile_chunked,liger,cce")
+    ap.add_argument("--methods", default="triton,triton_loss,triton_loss_recompute,torch,torch_loss,eager,"
+                    "compile_chunked,liger,cce")
     ap.add_argument("--rep-ms", type=int, default=100, help="do_bench rep (ms) per case")
     ap.add_argument("--reps", type=int, default=5, help="CPU repetitions per method")
     ap.add_argument("--tag", default="", help="suffix of the output file names")

@@ -68,7 +68,7 @@ step pytest_gpu 95 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider --junitxm
 
 # 4. Kernel benchmarks: one line per kernel family, each writes its JSON + markdown into $OUT.
 step bench_logprob 105 "$PY" benchmarks/bench_logprob.py --out "$OUT" --rep-ms 30 \
-    --methods triton,triton_loss,torch,torch_loss,eager,liger,cce
+    --methods triton,triton_loss,triton_loss_recompute,torch,torch_loss,eager,liger,cce
 step bench_logprob_compile 30 "$PY" benchmarks/bench_logprob.py --out "$OUT" --rep-ms 30 \
     --shapes 16384x4096x128256 --methods compile_chunked --tag compile
 step bench_attention 100 "$PY" benchmarks/bench_attention.py --out "$OUT" --prompts 2048 --ks 3 15 63
