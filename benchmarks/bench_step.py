@@ -207,18 +207,21 @@ def shared_fused_loss(model, data: StepData, ref):
     return loss, metrics["logps"]
 
 
-def fused_linear_ce():
+def fused_linear_ce(device: torch.device):
     """``(name, fn)`` with ``fn(hidden [N, D], weight [V, D], targets [N]) -> per-token NLL [N]``, or
-    ``(None, reason)`` when neither Cut Cross-Entropy nor Liger-Kernel imports."""
+    ``(None, reason)`` when neither Cut Cross-Entropy nor Liger-Kernel imports (Liger: CUDA only)."""
     reasons = []
     try:
         from cut_cross_entropy import linear_cross_entropy
 
-        name = f"cut-cross-entropy {metadata.version('cut-cross-entropy')}"
-        return name, lambda h, w, t: linear_cross_entropy(h, w, t, reduction="none")
+        impl = "cce" if device.type == "cuda" else "torch_compile"  # CCE's kernels are CUDA-only
+        name = f"cut-cross-entropy {metadata.version('cut-cross-entropy')} ({impl})"
+        return name, lambda h, w, t: linear_cross_entropy(h, w, t, reduction="none", impl=impl)
     except Exception as exc:  # noqa: BLE001 - any import failure only drops the method
         reasons.append(f"cut_cross_entropy: {exc}")
     try:
+        if device.type != "cuda":
+            raise ImportError("its kernels need CUDA")
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
         # Liger before PR #1298 (2026-07) scales reduction="none" gradients by grad_output[0] only;
@@ -245,7 +248,7 @@ def build_methods(args) -> tuple[dict, list[str]]:
     if "a" in args.methods:
         methods["a"] = Method("a", LABELS["a"], naive_logprobs, sdpo_from_logprobs(naive_logprobs))
     if "b" in args.methods:
-        name, flce = args.flce_provider()
+        name, flce = args.flce_provider(torch.device(args.device))
         if name is None:
             notes.append(f"(b) skipped: no fused linear cross-entropy package imports ({flce})")
         else:

@@ -29,7 +29,7 @@ def bench():
     return module
 
 
-def reference_flce():
+def reference_flce(device):
     """A plain torch stand-in for Cut Cross-Entropy / Liger: per-token NLL [N] with full logits."""
 
     def nll(h, w, t):
@@ -77,7 +77,7 @@ def test_cpu_sweep_writes_json_markdown_png(bench, tmp_path):
 
 def test_without_fused_ce_b_is_skipped_with_a_note(bench, tmp_path):
     argv = TINY + ["--ks", "1", "--modes", "lora", "--out", str(tmp_path), "--no-plot"]
-    meta, rows, paths = bench.main(argv, flce_provider=lambda: (None, "not installed"))
+    meta, rows, paths = bench.main(argv, flce_provider=lambda device: (None, "not installed"))
     assert [r["method"] for r in rows] == ["a", "c"]
     assert any("(b) skipped" in n for n in meta["notes"])
     assert "png" not in paths and "(b) skipped" in paths["md"].read_text()
