@@ -718,6 +718,7 @@ def plot(meta, rows, summary, path: Path) -> bool:
     panels = [(m, p) for m in meta["modes"] for p in sorted({r["prompt_len"] for r in rows})]
     fig, axes = plt.subplots(len(panels), 3, figsize=(15, 3.6 * len(panels)), squeeze=False)
     colors = {"a": "tab:red", "b": "tab:orange", "c": "tab:blue"}
+    ks = sorted({r["K"] for r in rows})
     mem_label = "peak GPU memory (MiB)" if "max_memory_allocated" in meta["memory"] else "RSS growth, fwd+bwd (MiB)"
     for (mode, p), (ax_t, ax_m, ax_s) in zip(panels, axes):
         for m, label in meta["methods"].items():
@@ -738,6 +739,8 @@ def plot(meta, rows, summary, path: Path) -> bool:
         ax_s.axhline(1.0, color="grey", lw=0.8)
         for ax, ylabel in ((ax_t, "step time (ms)"), (ax_m, mem_label), (ax_s, "speed-up of (c), time ratio")):
             ax.set_xscale("log", base=2)
+            ax.set_xticks(ks, [str(k) for k in ks])
+            ax.minorticks_off()
             ax.set_xlabel("K (negatives per group)")
             ax.set_ylabel(ylabel)
             ax.set_title(f"{mode}, prompt {p}")
@@ -746,7 +749,7 @@ def plot(meta, rows, summary, path: Path) -> bool:
         ax_t.set_yscale("log")
         ax_m.set_yscale("log")
     fig.suptitle(f"S-DPO step, {meta['model']}, {meta['dtype']} on {meta['device']} ({meta['date'][:10]})", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return True
