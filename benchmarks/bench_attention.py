@@ -48,6 +48,7 @@ from sdpo_fast.attention import torch_shared_prefix_attention  # noqa: E402
 from sdpo_fast.kernels.attention import triton_shared_prefix_attention  # noqa: E402
 
 # Covers every K and the prompt range in five shapes; flex recompiles per shape, which dominates.
+REPEATS = 5  # CPU wall-clock repeats (--repeats)
 DEFAULT_SWEEP = [(256, 15), (1024, 3), (2048, 15), (2048, 63), (4096, 1)]
 FULL_PROMPTS = [256, 512, 1024, 2048, 4096]
 FULL_KS = [1, 3, 15, 63]
@@ -76,13 +77,13 @@ def visible_pairs(batch) -> int:
     return int((prompt + cands).item())
 
 
-def bench(fn, device, grad_to_none=None, repeats=5):
-    """Median milliseconds: do_bench on CUDA, a wall-clock median on CPU."""
+def bench(fn, device, grad_to_none=None):
+    """Median milliseconds: do_bench on CUDA, a wall-clock median of ``REPEATS`` runs on CPU."""
     if device.type == "cuda":
         return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
     fn()
     times = []
-    for _ in range(repeats):
+    for _ in range(REPEATS):
         t = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t) * 1e3)
@@ -272,9 +273,12 @@ def main(argv=None):
     p.add_argument("--max-dense", type=int, default=32768, help="skip dense-mask SDPA beyond this row length")
     p.add_argument("--max-naive-tokens", type=int, default=1 << 20, help="skip the naive layout beyond this")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=5, help="CPU: timed runs per measurement (median)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--name", default=None)
     args = p.parse_args(argv)
+    global REPEATS
+    REPEATS = max(1, args.repeats)
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

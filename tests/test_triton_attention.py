@@ -274,3 +274,26 @@ def test_kernels_compile_for_hopper_without_spills():
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     assert sum(line.startswith("| 128 |") for line in res.stdout.splitlines()) == 3, res.stdout
+
+
+def test_benchmark_script_runs_and_methods_agree(tmp_path):
+    """benchmarks/bench_attention.py on a tiny CPU shape: writes JSON + markdown, and every method's
+    output (dense SDPA, the torch reference, the naive layout) matches the kernel's. Timings unchecked."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--prompts", "5", "--ks", "2", "--cand", "1", "3", "--tokens", "30", "--repeats", "1",
+                "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--dtype", "float32",
+                "--methods", "triton", "torch", "sdpa", "naive", "--out", str(tmp_path), "--name", "t"])
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert (tmp_path / "t.md").exists() and len(rows) == 1
+    methods = rows[0]["methods"]
+    assert set(methods) == {"triton", "torch", "sdpa", "naive"}
+    for name, res in methods.items():
+        assert "error" not in res, (name, res)
+        assert res["max_rel_diff"] < 1e-4 and res["fwd_bwd_ms"] > 0, (name, res)
