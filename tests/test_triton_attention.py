@@ -234,8 +234,11 @@ def triton_logprobs(model, batch):
     return sequence_logprobs(hidden, model.lm_head.weight, batch, backend="torch")
 
 
-def test_candidate_logprobs_tiny_gqa_llama_matches_naive_forward_and_gradients():
+def test_candidate_logprobs_tiny_gqa_llama_matches_naive_forward_and_gradients(monkeypatch):
     torch.manual_seed(0)
+    calls = []
+    kernel = backends.get("attention", "triton", DEVICE)
+    monkeypatch.setitem(backends._REGISTRY["attention"], "triton", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     model = tiny_llama().to(DEVICE)
     naive = copy.deepcopy(model)
     naive.set_attn_implementation("eager")
@@ -250,6 +253,7 @@ def test_candidate_logprobs_tiny_gqa_llama_matches_naive_forward_and_gradients()
     got = triton_logprobs(model, batch)
     want = naive_logprobs(naive, groups, batch.num_candidates)
     mask = batch.candidate_mask
+    assert len(calls) == model.config.num_hidden_layers  # the packed forward went through the kernel
     torch.testing.assert_close(got[mask], want[mask], rtol=1e-4, atol=1e-4)
     (got * weights).sum().backward()
     (want * weights).sum().backward()
