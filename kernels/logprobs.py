@@ -44,9 +44,12 @@ _CUDA_DEFAULTS = dict(block_m=128, block_v=128, block_d=64, block_t=32, num_warp
 # Interpreter (tests on CPU): small tiles keep numpy work and the number of programs low.
 _CPU_DEFAULTS = dict(block_m=16, block_v=64, block_d=32, block_t=16, num_warps=4, num_stages=1, group_m=4,
                      reuse_logits_bytes=0)
-# dlogits slice: elements of the [Nr, S] buffer (2**26 bf16 = 128 MiB; at Nr = 16k, S = 4096 columns,
-# so each slice's two GEMMs are still [16k x 4096 x 4096]-sized).
-_SLICE_ELEMENTS = 1 << 26
+# dlogits slice: elements of the [Nr, S] buffer (2**25 bf16 = 64 MiB; at Nr = 14.5k, S = 2304 columns,
+# so each slice's two GEMMs are still [14.5k x 2304 x 4096]-sized). Small, for the peak-memory goal
+# (inputs + dW + dHidden within 1.1x at Nr = 16k, V = 128256).
+_SLICE_ELEMENTS = 1 << 25
+# Rows per step of the final fp32 -> input-dtype scatter of dHidden (bounds its temporary).
+_CAST_ROWS = 4096
 _OPTION_NAMES = set(_CUDA_DEFAULTS) | {"v_splits", "slice_cols", "allow_tf32"}
 
 
@@ -327,6 +330,7 @@ def logprobs_grad(hidden, weight, batch: PackedBatch, lse, grad_logps, need_h: b
     if need_h:
         dh = torch.zeros(Nr, D, dtype=torch.float32, device=dev) if n_slices > 1 else None
     prec = _precision(hidden.dtype, opts)
+    part = None
     for v0 in range(0, V, S):
         n = min(S, V - v0)
         part = buf[:, :n]
@@ -345,9 +349,15 @@ def logprobs_grad(hidden, weight, batch: PackedBatch, lse, grad_logps, need_h: b
                 dh = torch.mm(part, weight[v0 : v0 + n])
             else:
                 _mm_acc(dh, part, weight[v0 : v0 + n])
+    buf = part = h_rows = None  # free the slice buffer and gathered rows before the dHidden scatter
     dhidden = None
     if need_h:
-        dhidden = torch.zeros_like(hidden).index_copy_(0, rows, dh.to(hidden.dtype))
+        dhidden = torch.zeros_like(hidden)
+        if dh.dtype == hidden.dtype:
+            dhidden.index_copy_(0, rows, dh)
+        else:
+            for a in range(0, Nr, _CAST_ROWS):
+                dhidden.index_copy_(0, rows[a : a + _CAST_ROWS], dh[a : a + _CAST_ROWS].to(hidden.dtype))
     return dhidden, dweight
 
 
