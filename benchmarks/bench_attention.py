@@ -308,9 +308,10 @@ def main(argv=None):
         tokens=args.tokens, methods=args.methods,
     )
     rows = []
+    name = args.name or f"bench_attention_{device.type}"
     for P, K in tqdm(sweep, desc="attention configs", file=sys.stderr):
         rows.append(run_config(P, K, args, device, dtype, args.methods))
-    text = write(meta, rows, args.out, args.name or f"bench_attention_{device.type}")
+        text = write(meta, rows, args.out, name)  # after every shape: a timeout keeps what was measured
     print(text)
     print(f"wrote {args.out}/", file=sys.stderr)
 
