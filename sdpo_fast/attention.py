@@ -23,7 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import backends
-from .packing import PackedBatch, group_attention_mask
+from .packing import PackedBatch
 
 ATTN_IMPLEMENTATION = "sdpo_fast"
 _IN_PACKED_FORWARD = contextvars.ContextVar("sdpo_fast_packed_forward", default=False)
@@ -70,25 +70,42 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 
 
 def torch_shared_prefix_attention(query, key, value, batch: PackedBatch, scaling: float, dropout: float = 0.0):
-    """Reference: one SDPA call per group with that group's own mask (no cross-group work).
+    """Reference: per group, causal attention over the prompt, then every candidate token against
+    [the whole prompt | its own candidate, causally], all candidates of the group in one batched
+    product. Work is linear in K (a dense per-group mask would be quadratic).
 
     query ``[R, H, L, Dh]``, key/value ``[R, Hkv, L, Dh]`` -> ``[R, L, H, Dh]``; padding rows are 0.
     """
     R, H, L, Dh = query.shape
+    Hkv = key.shape[1]
+    g = H // Hkv
     out = query.new_zeros(R, L, H, Dh)
-    gqa = key.shape[1] != H
-    for row, start, end in batch.group_spans:
-        mask = group_attention_mask(batch.candidate_ids[row, start:end])
-        o = F.scaled_dot_product_attention(
-            query[row : row + 1, :, start:end],
-            key[row : row + 1, :, start:end],
-            value[row : row + 1, :, start:end],
-            attn_mask=mask,
-            dropout_p=dropout,
-            scale=scaling,
-            enable_gqa=gqa,
-        )
-        out[row, start:end] = o[0].transpose(0, 1)
+    for (row, start, _), (P, lens) in zip(batch.group_spans, batch.group_layout):
+        q, k, v = query[row], key[row], value[row]
+        prompt = slice(start, start + P)
+        out[row, prompt] = F.scaled_dot_product_attention(
+            q[None, :, prompt], k[None, :, prompt], v[None, :, prompt],
+            is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=g > 1,
+        )[0].transpose(0, 1)
+        # Candidates padded to [C, m]; idx points at each candidate token (padding repeats the last).
+        m = max(lens)
+        offsets = [start + P + sum(lens[:j]) for j in range(len(lens))]
+        idx = torch.tensor([[o + min(i, n - 1) for i in range(m)] for o, n in zip(offsets, lens)], device=q.device)
+        valid = torch.arange(m, device=q.device)[None, :] < torch.tensor(lens, device=q.device)[:, None]  # [C, m]
+        qc = q[:, idx].view(Hkv, g, len(lens), m, Dh)  # [Hkv, g, C, m, Dh]
+        kc, vc = k[:, idx], v[:, idx]  # [Hkv, C, m, Dh]
+        kp, vp = k[:, prompt], v[:, prompt]  # [Hkv, P, Dh]
+        s_prompt = torch.einsum("hgcmd,hpd->hgcmp", qc, kp) * scaling
+        s_own = torch.einsum("hgcmd,hcnd->hgcmn", qc, kc) * scaling
+        own_mask = torch.ones(m, m, dtype=torch.bool, device=q.device).tril()[None] & valid[:, None, :]  # [C, m, n]
+        s_own = s_own.masked_fill(~own_mask, float("-inf"))
+        acc = torch.promote_types(q.dtype, torch.float32)  # half inputs: softmax in fp32
+        probs = torch.softmax(torch.cat([s_prompt, s_own], dim=-1).to(acc), dim=-1).to(q.dtype)
+        if dropout > 0:
+            probs = F.dropout(probs, p=dropout)
+        o = torch.einsum("hgcmp,hpd->hgcmd", probs[..., :P], vp) + torch.einsum("hgcmn,hcnd->hgcmd", probs[..., P:], vc)
+        o = o.reshape(H, len(lens), m, Dh).permute(1, 2, 0, 3)  # [C, m, H, Dh]
+        out[row, idx[valid]] = o[valid]
     return out
 
 

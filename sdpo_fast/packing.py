@@ -55,6 +55,7 @@ class PackedBatch:
 
     Host metadata (Python ints, never synced from device):
         group_spans  ``((row, start, end), ...)`` per group, start/end within the row
+        group_layout ``((prompt_len, (len_0, ..., len_K)), ...)`` per group
         max_span     largest prompt + candidate length: positions used (for sliding-window checks)
     """
 
@@ -73,6 +74,7 @@ class PackedBatch:
     target_ids: torch.Tensor
     target_candidates: torch.Tensor
     group_spans: tuple
+    group_layout: tuple
     max_span: int
 
     @property
@@ -311,6 +313,7 @@ def pack_groups(
         target_ids=torch.tensor(target_ids, dtype=torch.long),
         target_candidates=torch.tensor(target_cands, dtype=torch.long),
         group_spans=tuple(spans),
+        group_layout=tuple((len(p), tuple(len(c) for c in cs)) for p, cs in parsed),
         max_span=max(len(p) + max(len(c) for c in cs) for p, cs in parsed),
     )
     return batch.to(device) if device is not None else batch
