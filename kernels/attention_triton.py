@@ -4,7 +4,7 @@ Layout and work split (launchers and the tile tables live in ``kernels/attention
 
 * Tensors keep the packed layout of ``PackedBatch``: row ``r``, in-row token position ``t``. Q, K, V, O,
   dO, dQ, dK, dV are addressed through their strides (``[R, *, L, Dh]`` or ``[R, L, *, Dh]`` alike);
-  the row offset is formed in int64.
+  row and block offsets are formed in int64 as scalars, per-element offsets inside a block in int32.
 * A *query tile* is up to ``BLOCK_M`` consecutive query tokens of one group, lying either wholly in the
   group's prompt or wholly in its candidate region. It visits two key ranges only:
   range A ``[a_start, a_end)``: prompt keys every query of the tile sees (no mask but bounds), and
