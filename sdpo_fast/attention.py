@@ -64,8 +64,11 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         )
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    dropout = dropout if module.training else 0.0
+    if dropout > 0 and backend == "auto":
+        backend = "torch"  # the kernels implement no attention dropout
     impl = backends.get("attention", backend, query.device)
-    out = impl(query, key, value, batch, scaling=scaling, dropout=dropout if module.training else 0.0)
+    out = impl(query, key, value, batch, scaling=scaling, dropout=dropout)
     return out, None
 
 

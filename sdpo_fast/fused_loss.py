@@ -59,17 +59,21 @@ class _FusedSDPOLoss(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss_g, logps, dh, dw = impl(hidden, weight, batch, ref_logps, beta, sft_weight, need_h, need_w, **options)
         ctx.save_for_backward(dh if need_h else None, dw if need_w else None)
-        ctx.scale = scale
+        ctx.scale, ctx.used = scale, False
         ctx.mark_non_differentiable(logps)
         return loss_g.sum() * scale, logps
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logps):
+        if ctx.used:
+            raise RuntimeError("fused_sdpo_loss: backward can run once per forward (gradients are scaled in place)")
+        ctx.used = True
         dh, dw = ctx.saved_tensors
         g = grad_loss * ctx.scale
+        # In place: a second [V, D] buffer would be +1 GB at V = 128k, D = 4096 in fp16.
         return (
-            None if dh is None else dh * g.to(dh.dtype),
-            None if dw is None else dw * g.to(dw.dtype),
+            None if dh is None else dh.mul_(g.to(dh.dtype)),
+            None if dw is None else dw.mul_(g.to(dw.dtype)),
             *([None] * 7),
         )
 
