@@ -3,12 +3,17 @@
 # `gpu`-marked tests and the kernel benchmarks, write JSON + markdown into OUT_DIR. Under 6 minutes:
 # every step has its own timeout, so the script always finishes and reports what it got.
 #
-#   benchmarks/gpu_check.sh OUT_DIR
+#   benchmarks/gpu_check.sh OUT_DIR [kernels|step|all]
+#
+# kernels (default, < 6 min): gpu tests + log-prob and attention benchmarks; step (< 5 min): the
+# end-to-end step sweep of bench_step.py --preset gpu; all: both (about 10 min, one device command).
 #
 # Wheels: copy /work/shared/wheels-gpu to ./wheels-gpu (git-ignored) before sending the tree over.
 set -uo pipefail
 
-OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
+OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR [kernels|step|all]}
+PARTS=${2:-kernels}
+case "$PARTS" in kernels|step|all) ;; *) echo "unknown part $PARTS (kernels|step|all)" >&2; exit 2;; esac
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
@@ -18,7 +23,8 @@ STATUS="$OUT/steps.tsv"
 : > "$STATUS"
 start=$(date +%s)
 
-BUDGET_S=${GPU_CHECK_BUDGET_S:-345}  # whole script; each step's timeout is cut to what is left
+case "$PARTS" in kernels) default_budget=345;; step) default_budget=290;; all) default_budget=580;; esac
+BUDGET_S=${GPU_CHECK_BUDGET_S:-$default_budget}  # whole script; each step's timeout is cut to what is left
 
 step() {  # step NAME TIMEOUT_S CMD...: run, log to OUT/NAME.log, record exit code and seconds
     local name=$1 limit=$2; shift 2
@@ -63,16 +69,20 @@ print(json.dumps(dict(device=torch.cuda.get_device_name() if torch.cuda.is_avail
 EOF
 cat "$OUT/env.json"
 
-# 3. gpu-marked tests (all test files; CPU-only tests are deselected).
-step pytest_gpu 95 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml"
+if [ "$PARTS" != step ]; then
+    # 3. gpu-marked tests (all test files; CPU-only tests are deselected).
+    step pytest_gpu 95 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml"
 
-# 4. Kernel benchmarks: one line per kernel family, each writes its JSON + markdown into $OUT.
-step bench_logprob 105 "$PY" benchmarks/bench_logprob.py --out "$OUT" --rep-ms 30 \
-    --methods triton,triton_loss,triton_loss_recompute,torch,torch_loss,eager,liger,cce
-step bench_logprob_compile 30 "$PY" benchmarks/bench_logprob.py --out "$OUT" --rep-ms 30 \
-    --shapes 16384x4096x128256 --methods compile_chunked --tag compile
-step bench_attention 100 "$PY" benchmarks/bench_attention.py --out "$OUT" --prompts 2048 --ks 3 15 63
-step bench_step 240 "$PY" benchmarks/bench_step.py --preset gpu --out "$OUT"  # partial rows survive a cut
+    # 4. Kernel benchmarks: one line per kernel family, each writes its JSON + markdown into $OUT.
+    step bench_logprob 105 "$PY" benchmarks/bench_logprob.py --out "$OUT" --rep-ms 30 \
+        --methods triton,triton_loss,triton_loss_recompute,torch,torch_loss,eager,liger,cce
+    step bench_logprob_compile 30 "$PY" benchmarks/bench_logprob.py --out "$OUT" --rep-ms 30 \
+        --shapes 16384x4096x128256 --methods compile_chunked --tag compile
+    step bench_attention 100 "$PY" benchmarks/bench_attention.py --out "$OUT" --prompts 2048 --ks 3 15 63
+fi
+if [ "$PARTS" != kernels ]; then
+    step bench_step 240 "$PY" benchmarks/bench_step.py --preset gpu --out "$OUT"  # partial rows survive a cut
+fi
 
 # 5. Summary.
 {
