@@ -190,11 +190,14 @@ def main(argv=None):
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-row memory subprocesses")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
     p.add_argument("--_shape", dest="shape", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         return _memory_child(args.memory_child, json.loads(args.shape))
 
@@ -238,7 +241,8 @@ def main(argv=None):
     md = _markdown(result)
     print(md)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "logprob_cpu" if args.dtype == "fp32" else f"logprob_cpu_{args.dtype}"
+    stem = "logprob_cpu" + ("" if args.dtype == "fp32" else f"_{args.dtype}")
+    stem += "" if args.threads is None else f"_t{args.threads}"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(md + "\n")
     return result

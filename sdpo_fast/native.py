@@ -10,9 +10,11 @@ once. A prebuilt ``sdpo_fast._native`` wins over the JIT build: after editing cs
 extension can be had, importing this module raises ImportError with the reason, ``backends`` turns it
 into one warning, and ``"auto"`` uses ``"torch"``.
 
-Both ops take ``tile_elements`` (fp32 logits held at once, default ``2**23`` = 32 MiB): the S-DPO
-loss keeps every group whose logit rows fit it in one tile and reuses the tile for the gradients
-(three GEMMs); larger groups, and the backward of ``sequence_logprobs``, recompute their logits.
+Both ops take ``tile_elements`` (fp32 logits held at once): the S-DPO loss (default ``2**23``, 32 MiB)
+keeps every group whose logit rows fit it in one tile and reuses the tile for the gradients (three
+GEMMs); larger groups recompute their logits. ``sequence_logprobs`` always recomputes in its backward
+(its upstream gradient arrives later) and takes bigger tiles by default (``2**24``, 64 MiB): it holds
+nothing else of that size, and fewer, taller tiles cost less per GEMM (benchmarks/bench_logprob_cpu.py).
 bf16/fp16 inputs are computed in fp32 (``weight`` is converted once per call: ``V * D * 4`` bytes).
 """
 
@@ -28,9 +30,10 @@ import torch
 from . import backends
 from .packing import PackedBatch
 
-__all__ = ["DEFAULT_TILE_ELEMENTS", "extension", "native_sdpo_loss", "native_sequence_logprobs"]
+__all__ = ["DEFAULT_LOGPROBS_TILE_ELEMENTS", "DEFAULT_TILE_ELEMENTS", "extension", "native_sdpo_loss", "native_sequence_logprobs"]
 
-DEFAULT_TILE_ELEMENTS = 1 << 23
+DEFAULT_TILE_ELEMENTS = 1 << 23  # sdpo_loss
+DEFAULT_LOGPROBS_TILE_ELEMENTS = 1 << 24  # sequence_logprobs
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("sdpo_native.cpp", "rowops.cpp")
 CXX_FLAGS = ["-O3", "-fopenmp"]
@@ -86,7 +89,7 @@ def _load():
 extension = _load()
 
 
-def _tile(tile_elements: int | None, chunk_rows: int | None, vocab: int) -> int:
+def _tile(tile_elements: int | None, chunk_rows: int | None, vocab: int, default: int) -> int:
     if tile_elements is not None and chunk_rows is not None:
         raise ValueError("give tile_elements or chunk_rows, not both")
     if chunk_rows is not None:
@@ -94,7 +97,7 @@ def _tile(tile_elements: int | None, chunk_rows: int | None, vocab: int) -> int:
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
         return chunk_rows * vocab
     if tile_elements is None:
-        return DEFAULT_TILE_ELEMENTS
+        return default
     if tile_elements < 1:
         raise ValueError(f"tile_elements must be >= 1, got {tile_elements}")
     return int(tile_elements)
@@ -145,7 +148,7 @@ class _NativeSequenceLogprobs(torch.autograd.Function):
 
 def native_sequence_logprobs(hidden, weight, batch: PackedBatch, tile_elements=None, chunk_rows=None):
     """``"logprobs"`` op: ``[G, C]`` fp32 log-probs, differentiable w.r.t. hidden ``[T, D]`` and weight ``[V, D]``."""
-    tile = _tile(tile_elements, chunk_rows, weight.shape[0])
+    tile = _tile(tile_elements, chunk_rows, weight.shape[0], DEFAULT_LOGPROBS_TILE_ELEMENTS)
     return _NativeSequenceLogprobs.apply(hidden, weight, batch, tile)
 
 
@@ -153,7 +156,7 @@ def native_sdpo_loss(hidden, weight, batch: PackedBatch, ref_logps, beta, sft_we
                      tile_elements=None, chunk_rows=None):
     """``"sdpo_loss"`` op (fused_loss.py): ``(loss_g [G], logps [G, C], dhidden [T, D] | None,
     dweight [V, D] | None)``, gradients of ``sum_g loss_g``."""
-    tile = _tile(tile_elements, chunk_rows, weight.shape[0])
+    tile = _tile(tile_elements, chunk_rows, weight.shape[0], DEFAULT_TILE_ELEMENTS)
     h, w = _prepare(hidden, weight, batch)
     if bool((batch.candidate_lens[:, 0] < 1).any()):
         raise ValueError("every group needs a chosen candidate (column 0) with at least one token")
