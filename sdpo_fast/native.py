@@ -12,9 +12,9 @@ into one warning, and ``"auto"`` uses ``"torch"``.
 
 Both ops take ``tile_elements`` (fp32 logits held at once): the S-DPO loss (default ``2**23``, 32 MiB)
 keeps every group whose logit rows fit it in one tile and reuses the tile for the gradients (three
-GEMMs); larger groups recompute their logits. ``sequence_logprobs`` always recomputes in its backward
-(its upstream gradient arrives later) and takes bigger tiles by default (``2**24``, 64 MiB): it holds
-nothing else of that size, and fewer, taller tiles cost less per GEMM (benchmarks/bench_logprob_cpu.py).
+GEMMs); larger groups recompute their logits. ``sequence_logprobs`` (same default) always recomputes
+in its backward, since its upstream gradient arrives later. (A 64 MiB tile for it measured no faster
+at the benchmark shape and put its working memory over 1/8 of eager's.)
 bf16/fp16 inputs are computed in fp32 (``weight`` is converted once per call: ``V * D * 4`` bytes).
 """
 
@@ -33,7 +33,7 @@ from .packing import PackedBatch
 __all__ = ["DEFAULT_LOGPROBS_TILE_ELEMENTS", "DEFAULT_TILE_ELEMENTS", "extension", "native_sdpo_loss", "native_sequence_logprobs"]
 
 DEFAULT_TILE_ELEMENTS = 1 << 23  # sdpo_loss
-DEFAULT_LOGPROBS_TILE_ELEMENTS = 1 << 24  # sequence_logprobs
+DEFAULT_LOGPROBS_TILE_ELEMENTS = 1 << 23  # sequence_logprobs
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("sdpo_native.cpp", "rowops.cpp")
 CXX_FLAGS = ["-O3", "-fopenmp"]
