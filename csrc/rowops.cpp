@@ -57,6 +57,14 @@ SDPO_CLONES float row_exp_sum(float* x, int64_t V, float shift) {
   return s;
 }
 
+// sum of exp(x - shift), x left as it is (the forward of the recomputing op needs no exp values).
+SDPO_CLONES float row_sum_exp(const float* x, int64_t V, float shift) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t v = 0; v < V; ++v) s += exp_neg(x[v] - shift);
+  return s;
+}
+
 SDPO_CLONES void row_scale(float* x, int64_t V, float a) {
 #pragma omp simd
   for (int64_t v = 0; v < V; ++v) x[v] *= a;
@@ -71,14 +79,14 @@ SDPO_CLONES void row_scaled_exp(float* x, int64_t V, float shift, float a) {
 }  // namespace
 
 void rows_softmax_stats(float* x, int64_t n, int64_t V, const int64_t* row_ptr, const int64_t* target_ids,
-                        float* lse, float* sum, float* token_logp, int num_threads) {
+                        float* lse, float* sum, float* token_logp, bool keep_exp, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads)
   for (int64_t r = 0; r < n; ++r) {
     float* xr = x + r * V;
     const float m = row_max(xr, V);
     // Target logits are read before the row is overwritten with exp values.
     for (int64_t t = row_ptr[r]; t < row_ptr[r + 1]; ++t) token_logp[t] = xr[target_ids[t]];
-    const float s = row_exp_sum(xr, V, m);
+    const float s = keep_exp ? row_exp_sum(xr, V, m) : row_sum_exp(xr, V, m);
     const float l = m + std::log(s);
     lse[r] = l;
     sum[r] = s;

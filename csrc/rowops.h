@@ -11,10 +11,11 @@ namespace sdpo_native {
 // Forward statistics of rows [0, n) of `x` (row r of the tile is batch logit row r0 + r, whose
 // targets are row_ptr[r]..row_ptr[r + 1] with row_ptr already shifted to start at r0):
 //   token_logp[t] = x[r, target_ids[t]] - lse[r]     lse[r] = log sum_v exp x[r, v]   (fp32)
-// and, as a side effect kept for the no-recompute gradient, x[r, v] <- exp(x[r, v] - max_r),
-// sum[r] = sum_v x[r, v] (after the overwrite), so softmax(r) = x[r] / sum[r].
+// and sum[r] = sum_v exp(x[r, v] - max_r). With keep_exp (for the no-recompute gradient) the row is
+// overwritten with x[r, v] <- exp(x[r, v] - max_r), so softmax(r) = x[r] / sum[r]; without it x is
+// only read (one write pass over the tile less).
 void rows_softmax_stats(float* x, int64_t n, int64_t V, const int64_t* row_ptr, const int64_t* target_ids,
-                        float* lse, float* sum, float* token_logp, int num_threads);
+                        float* lse, float* sum, float* token_logp, bool keep_exp, int num_threads);
 
 // Gradient from the tile left by rows_softmax_stats (no recompute). With g_t = dL/dlogp of target t's
 // candidate and g_r = sum of the row's g_t, dL/dlogits[r] = -g_r * x[r] / sum[r] + sum_t g_t onehot(t).

@@ -112,10 +112,10 @@ int64_t rows_per_tile(int64_t tile_elements, int64_t V) { return std::max<int64_
 
 // Logits of rows [r0, r0 + n) into `tile` and their forward statistics (rowops.h).
 void forward_rows(const Layout& L, const at::Tensor& h, const at::Tensor& w, int64_t r0, int64_t n,
-                  at::Tensor& tile, float* lse, float* sum, float* token_logp) {
+                  at::Tensor& tile, float* lse, float* sum, float* token_logp, bool keep_exp) {
   logits_gemm(tile, h.narrow(0, r0, n), w);
   rows_softmax_stats(tile.data_ptr<float>(), n, L.V, L.row_ptr + r0, L.target_ids, lse + r0, sum + r0,
-                     token_logp, threads());
+                     token_logp, keep_exp, threads());
 }
 
 // dH rows and dW from a gradient tile dlogits = diag(scale) tile (scale undefined: 1).
@@ -179,7 +179,7 @@ std::vector<at::Tensor> logprobs_forward(const at::Tensor& h, const at::Tensor& 
   for (int64_t a = 0; a < L.Nr; a += chunk) {
     const int64_t n = std::min(chunk, L.Nr - a);
     at::Tensor tile = buf.narrow(0, 0, n);
-    forward_rows(L, h, w, a, n, tile, lse.data_ptr<float>(), sum.data_ptr<float>(), tok.data_ptr<float>());
+    forward_rows(L, h, w, a, n, tile, lse.data_ptr<float>(), sum.data_ptr<float>(), tok.data_ptr<float>(), false);
   }
   float* lp = logps.data_ptr<float>();
   const float* tk = tok.data_ptr<float>();
@@ -310,7 +310,7 @@ std::vector<at::Tensor> sdpo_loss(const at::Tensor& h, const at::Tensor& w, cons
     const int64_t n = b.r1 - b.r0;
     if (n <= max_rows) {  // whole groups in one tile: no recompute
       at::Tensor tile = buf.narrow(0, 0, n);
-      forward_rows(L, h, w, b.r0, n, tile, lse.data_ptr<float>(), sum.data_ptr<float>(), tk);
+      forward_rows(L, h, w, b.r0, n, tile, lse.data_ptr<float>(), sum.data_ptr<float>(), tk, true);
       finish_groups(b);
       if (!need_h && !need_w) continue;
       rows_fused_grad(tile.data_ptr<float>(), n, L.V, L.row_ptr + b.r0, L.target_ids, gt, sum.data_ptr<float>() + b.r0,
@@ -320,7 +320,7 @@ std::vector<at::Tensor> sdpo_loss(const at::Tensor& h, const at::Tensor& w, cons
       for (int64_t a = b.r0; a < b.r1; a += max_rows) {
         const int64_t m = std::min(max_rows, b.r1 - a);
         at::Tensor tile = buf.narrow(0, 0, m);
-        forward_rows(L, h, w, a, m, tile, lse.data_ptr<float>(), sum.data_ptr<float>(), tk);
+        forward_rows(L, h, w, a, m, tile, lse.data_ptr<float>(), sum.data_ptr<float>(), tk, false);
       }
       finish_groups(b);
       if (!need_h && !need_w) continue;
