@@ -44,11 +44,11 @@ class DataArguments:
     data_path: str | None = field(default=None, metadata={"help": "folder or file of the dataset"})
     titles_path: str | None = field(default=None, metadata={"help": "Goodreads: book titles file"})
     data_seed: int = 0
-    num_negatives: int = field(default=3, metadata={"help": "K negatives per group in S-DPO (dpo stage: 1)"})
+    num_negatives: int = field(default=7, metadata={"help": "K negatives per group in S-DPO (dpo stage: 1)"})
     negatives: str = field(default="random", metadata={"help": "random | hard (the policy's top-scored)"})
     max_prompt_tokens: int = 512
     max_train_examples: int | None = None
-    max_eval_examples: int | None = field(default=200, metadata={"help": "users evaluated per split (None: all)"})
+    max_eval_examples: int | None = field(default=None, metadata={"help": "test users evaluated (default: all)"})
     cache_dir: str | None = field(default=None, metadata={"help": "datasets.map cache (default: <output_dir>/cache)"})
 
 
@@ -58,10 +58,10 @@ class TrainArguments:
     stage: str = field(default="all", metadata={"help": "sft | sdpo | dpo (sdpo with K=1) | all (sft then sdpo)"})
     output_dir: str = "outputs/default"
     seed: int = 0
-    sft_epochs: float = 2.0
-    sdpo_epochs: float = 1.0
+    sft_epochs: float = 3.0
+    sdpo_epochs: float = 2.0
     sft_learning_rate: float = 2e-3
-    sdpo_learning_rate: float = 5e-4
+    sdpo_learning_rate: float = 1e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
     max_grad_norm: float = 1.0
@@ -79,7 +79,7 @@ class TrainArguments:
     save_steps: int = field(default=0, metadata={"help": "checkpoint every N optimizer steps (0: end of stage only)"})
     resume_from_checkpoint: str | None = None
     max_steps: int | None = field(default=None, metadata={"help": "stop each stage after this many steps"})
-    eval: str = field(default="ranking", metadata={"help": "none | ranking | generation | both"})
+    eval: str = field(default="both", metadata={"help": "none | ranking | generation | both"})
     eval_untrained: bool = field(default=True, metadata={"help": "evaluate before training as a baseline"})
     log_every: int = 1
 
