@@ -59,8 +59,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import sdpo_fast
 from sdpo_fast import backends
-from sdpo_fast.attention import enable_shared_prefix, packed_forward
-from sdpo_fast.loss import fused_sdpo_loss, sdpo_loss
+from sdpo_fast.loss import sdpo_loss
 from sdpo_fast.model import output_weight, unwrap_causal_lm
 from sdpo_fast.packing import PackedBatch
 
@@ -168,22 +167,6 @@ def flce_logprobs(model, data: StepData, flce: Callable) -> torch.Tensor:
     return -nll.float().view(-1, data.cand_len).sum(-1).view(data.groups, data.k + 1)
 
 
-def packed_hidden(model, batch: PackedBatch) -> torch.Tensor:
-    """(c) Final hidden states ``[R, L, D]`` of the packed rows: the decoder call of
-    ``sdpo_fast.candidate_logprobs``, stopped before the log-probs so the fused loss can take over."""
-    lm = unwrap_causal_lm(model)
-    enable_shared_prefix(lm)
-    with packed_forward():
-        out = lm.get_decoder()(
-            input_ids=batch.input_ids,
-            position_ids=batch.position_ids,
-            use_cache=False,
-            sdpo_batch=batch,
-            sdpo_attention_backend="auto",
-        )
-    return out.last_hidden_state
-
-
 def shared_logprobs(model, data: StepData) -> torch.Tensor:
     return sdpo_fast.candidate_logprobs(model, data.batch, backend="auto")
 
@@ -200,10 +183,9 @@ def sdpo_from_logprobs(logprobs: Callable):
 
 
 def shared_fused_loss(model, data: StepData, ref):
-    """(c) with ``fused_sdpo_loss``: log-probs, loss and the lm_head gradients in one op."""
-    hidden = packed_hidden(model, data.batch)
-    weight = output_weight(unwrap_causal_lm(model))
-    loss, metrics = fused_sdpo_loss(hidden, weight, data.batch, ref, beta=1.0, backend="auto")
+    """(c) with ``candidate_sdpo_loss``: packed forward, then log-probs, loss and the lm_head
+    gradients in one op (``fused_sdpo_loss``)."""
+    loss, metrics = sdpo_fast.candidate_sdpo_loss(model, data.batch, ref, beta=1.0, backend="auto")
     return loss, metrics["logps"]
 
 
