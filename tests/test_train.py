@@ -74,7 +74,7 @@ def test_lora_live_reference_equals_precomputed_at_the_start(tmp_path):
     """LoRA B starts at 0, so at step 1 the live reference (adapters off) and the precomputed one
     (the starting model) are the same model: identical first losses, then training proceeds."""
     common = ["--stage", "sdpo", "--lora", "--max_train_examples", "16", "--batch_size", "8", "--max_steps", "2",
-              "--eval", "none", "--sdpo_learning_rate", "1e-2"]
+              "--eval", "none", "--sdpo_learning_rate", "1e-2", "--num_negatives", "3"]
     run_train(common + ["--reference", "live"], tmp_path / "live")
     shutil.copytree(tmp_path / "live" / "tokenizer", tmp_path / "pre" / "tokenizer")
     run_train(common, tmp_path / "pre")
