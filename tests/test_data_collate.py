@@ -20,14 +20,7 @@ from sdpo_fast.data import (
 from sdpo_fast.data.negatives import hard_negatives
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread. On the shared 2-core machine, torch's default threads spin
-    against other processes (127 s vs 19 s for this file measured under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
