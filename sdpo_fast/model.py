@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 
+from . import backends
 from .attention import enable_shared_prefix, packed_forward
 from .logprobs import sequence_logprobs
 from .packing import PackedBatch
@@ -155,8 +156,6 @@ def candidate_sdpo_loss(
 
 
 def _attention_backend_for(backend: str) -> str:
-    from . import backends
-
     if backend in ("auto", "torch"):
         return backend
     return backend if backend in backends.available("attention") else "torch"

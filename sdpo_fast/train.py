@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import parse_args
-from .model import candidate_sdpo_loss
+from .model import candidate_logprobs, candidate_sdpo_loss
 from .runtime import Runtime, Schedule, all_gather_rows, all_mean, barrier, rank, seed_everything, world_size
 
 
@@ -178,7 +178,7 @@ def reference_logps(runtime, tokenizer, features, train_args, cache_path):
     return logps
 
 
-def run_stage(stage, runtime, tokenizer, train_ds, model_args, data_args, train_args, log, start_step=0, on_save=None):
+def run_stage(stage, runtime, tokenizer, train_ds, data_args, train_args, log, start_step=0, on_save=None):
     """Train one stage; returns the number of steps it ran in total."""
     from .data import SDPOCollator
 
@@ -232,8 +232,6 @@ def run_stage(stage, runtime, tokenizer, train_ds, model_args, data_args, train_
             beta, sft_weight = train_args.beta, train_args.sft_weight
         else:
             with torch.no_grad(), runtime.module.disable_adapter():
-                from .model import candidate_logprobs
-
                 ref = candidate_logprobs(runtime.model, packed, backend=train_args.backend)
             beta, sft_weight = train_args.beta, train_args.sft_weight
         loss, metrics = candidate_sdpo_loss(
@@ -346,8 +344,7 @@ def main(argv=None) -> int:
         start = resume_step if stage == resume_stage else 0
         if start == 0:
             runtime.reset_optimizer_state()
-        run_stage(stage, runtime, tokenizer, train_ds, model_args, data_args, train_args, log, start_step=start,
-                  on_save=save)
+        run_stage(stage, runtime, tokenizer, train_ds, data_args, train_args, log, start_step=start, on_save=save)
         done.append(stage)
         name = "S-DPO" if stage == "sdpo" and train_args.stage != "dpo" else ("DPO" if stage == "sdpo" else "SFT")
         if train_args.eval != "none":
