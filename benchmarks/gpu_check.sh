@@ -8,7 +8,9 @@
 # kernels (default, < 6 min): gpu tests + log-prob and attention benchmarks; step (< 5 min): the
 # end-to-end step sweep of bench_step.py --preset gpu; all: both (about 10 min, one device command).
 #
-# Wheels: copy /work/shared/wheels-gpu to ./wheels-gpu (git-ignored) before sending the tree over.
+# Wheels: copy /work/shared/wheels-gpu to ./wheels-gpu (git-ignored) before sending the tree over, plus
+# a setuptools>=77 wheel (used only where the machine's setuptools is older).
+# The device tool brings back at most 8 files: write OUT_DIR outside $OUT and tar it into $OUT.
 set -uo pipefail
 
 OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR [kernels|step|all]}
@@ -49,6 +51,11 @@ if [ -d wheels-gpu ]; then
         mod=$(basename "$whl" | cut -d- -f1)
         "$PY" -c "import $mod" 2>/dev/null || missing+=("$whl")
     done
+    # pyproject's SPDX license string needs setuptools >= 77 to build the editable install
+    for whl in wheels-gpu/setuptools-*.whl; do
+        [ -e "$whl" ] || continue
+        "$PY" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" || missing+=("$whl")
+    done
 fi
 if [ ${#missing[@]} -gt 0 ]; then
     step install_wheels 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "${missing[@]}"
@@ -57,7 +64,8 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$SITE"
 
 # 2. The package itself (kernels/ is mapped to sdpo_fast.kernels by setup.py: needs an install).
 if ! "$PY" -c "import sdpo_fast.kernels.logprobs" 2>/dev/null; then
-    step install_sdpo_fast 120 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
+    # SDPO_FAST_NO_EXT: the native extension is the CPU path; no need to compile it here
+    SDPO_FAST_NO_EXT=1 step install_sdpo_fast 120 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
 fi
 "$PY" - > "$OUT/env.json" <<'EOF'
 import json, torch, triton, sdpo_fast

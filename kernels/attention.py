@@ -34,6 +34,7 @@ __all__ = ["AttentionConfig", "INTERPRETER_CONFIG", "default_config", "triton_sh
            "key_tiles"]
 
 _LOG2E = 1.4426950408889634
+_TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -47,8 +48,8 @@ class AttentionConfig:
     The CUDA defaults were chosen from the sm_90 compiler report (``python -m
     sdpo_fast.kernels.attention_aot``, no GPU needed): the largest blocks that compile without
     register spills for head dims 64..128 in bf16 (e.g. Dh=128: forward 220 registers, dQ 173,
-    dK/dV 244, no local memory; with 4 warps or 64x128 dK/dV blocks they spill). They are not yet
-    timed on a GPU.
+    dK/dV 244, no local memory; with 4 warps or 64x128 dK/dV blocks they spill). Triton 3.6 spills
+    at 32x128 dK/dV blocks, so ``default_config`` halves their query rows there.
     """
 
     fwd_m: int = 128
@@ -86,9 +87,12 @@ def default_config(head_dim: int, device: torch.device, dtype: torch.dtype = tor
     if dtype == torch.float32:  # twice the bytes per tile: halve the blocks to stay in shared memory
         return AttentionConfig(fwd_m=64, fwd_n=32, fwd_warps=4, fwd_stages=2, dq_m=64, dq_n=32, dq_warps=4,
                                dq_stages=2, dkdv_n=64, dkdv_m=32, dkdv_warps=4, dkdv_stages=2)
+    # Triton < 3.9 (3.6 measured) spills the 32x128 dK/dV block (255 registers, 72-248 stack bytes);
+    # 16 query rows per step compile without spills there.
+    dkdv_m = 32 if _TRITON_VERSION >= (3, 9) else 16
     if head_dim <= 64:  # 235 registers at 3 stages, no spills
-        return AttentionConfig(dkdv_stages=3)
-    return AttentionConfig()
+        return AttentionConfig(dkdv_m=dkdv_m, dkdv_stages=3)
+    return AttentionConfig(dkdv_m=dkdv_m)
 
 
 # ----------------------------------------------------------------------------------------------- tiles
