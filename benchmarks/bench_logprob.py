@@ -3,6 +3,8 @@
 GPU (default when CUDA is present): ``triton.testing.do_bench`` medians of forward and forward+backward,
 peak memory, TFLOP/s and the ratio to the bare cuBLAS matmuls of the same shapes (logits
 ``[Nr, D] x [D, V]``, dHidden ``[Nr, V] x [V, D]``, dW ``[V, Nr] x [Nr, D]``), for:
+    cublas            sdpo_fast.sequence_logprobs / fused_sdpo_loss with backend="cublas" (cuBLAS GEMMs on
+                      bounded row chunks + Triton row kernels); cublas_loss_1g: the loss with 1 GiB chunks
     triton            sdpo_fast.sequence_logprobs(backend="triton") and fused_sdpo_loss(backend="triton")
     torch             the repo's chunked torch reference backend
     eager             materialised ``[Nr, V]`` logits, log_softmax, gather, segment sum (autograd)
@@ -193,6 +195,7 @@ def gpu_rows(n_targets, D, V, dtype, methods, rep_ms, ops=_Cuda):
         return lambda h, w: sdpo_fast.sequence_logprobs(h, w, batch, backend=backend, **kw)
 
     fns = {
+        "cublas": seq("cublas"),
         "triton": seq("triton"),
         "torch": seq("torch"),
         "eager": lambda h, w: eager_logps(h, w, batch),
@@ -229,16 +232,19 @@ def gpu_rows(n_targets, D, V, dtype, methods, rep_ms, ops=_Cuda):
             return torch.autograd.grad(loss, (h_req, w_req))
         return step
 
-    # Sanity: the triton forward agrees with the torch reference on these inputs.
-    if "triton" in methods:
-        with torch.no_grad():
-            a = fns["triton"](hidden, weight)
-            b = fns["torch"](hidden, weight)
-        rows.append(dict(shape, method="check triton vs torch logps", pass_="fwd", ms=None,
-                         error=f"rel err {((a - b).norm() / b.norm()).item():.2e}"))
+    # Sanity: the kernels' forward agrees with the torch reference on these inputs.
+    for name in ("cublas", "triton"):
+        if name in methods:
+            with torch.no_grad():
+                a = fns[name](hidden, weight)
+                b = fns["torch"](hidden, weight)
+            rows.append(dict(shape, method=f"check {name} vs torch logps", pass_="fwd", ms=None,
+                             error=f"rel err {((a - b).norm() / b.norm()).item():.2e}"))
     x_tok = None
     for method in methods:
-        if method in ("triton_loss", "torch_loss"):
+        if method == "cublas_loss_1g":
+            run_case("cublas fused_sdpo_loss (1 GiB chunks)", "fwd+bwd", loss_step("cublas", chunk_bytes=1 << 30))
+        elif method in ("cublas_loss", "triton_loss", "torch_loss"):
             backend = method.split("_")[0]
             run_case(f"{backend} fused_sdpo_loss", "fwd+bwd", loss_step(backend))
         elif method == "triton_loss_recompute":  # the 4-GEMM path even where the logits would fit
@@ -375,7 +381,7 @@ def main(argv=None):
     ap.add_argument("--shapes", default="4096x4096x32000,16384x4096x32000,4096x4096x128256,16384x4096x128256",
                     help="comma-separated NxDxV (N target tokens)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--methods", default="triton,triton_loss,triton_loss_recompute,torch,torch_loss,eager,"
+    ap.add_argument("--methods", default="cublas,cublas_loss,cublas_loss_1g,triton,triton_loss,triton_loss_recompute,torch,torch_loss,eager,"
                     "compile_chunked,liger,cce")
     ap.add_argument("--rep-ms", type=int, default=100, help="do_bench rep (ms) per case")
     ap.add_argument("--reps", type=int, default=5, help="CPU repetitions per method")

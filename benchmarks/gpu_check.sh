@@ -11,6 +11,10 @@
 # Wheels: copy /work/shared/wheels-gpu to ./wheels-gpu (git-ignored) before sending the tree over, plus
 # a setuptools>=77 wheel (used only where the machine's setuptools is older).
 # The device tool brings back at most 8 files: write OUT_DIR outside $OUT and tar it into $OUT.
+#
+# Narrower runs (environment): PYTEST_ARGS (default "tests"), LOGPROB_METHODS (bench_logprob --methods),
+# STEP_ARGS (extra bench_step arguments, e.g. "--modes lora --prompt-lens 1024"), STEP_TIMEOUT_S,
+# SKIP_STEPS (space-separated step names, e.g. "bench_logprob_compile bench_attention").
 set -uo pipefail
 
 OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR [kernels|step|all]}
@@ -32,6 +36,10 @@ step() {  # step NAME TIMEOUT_S CMD...: run, log to OUT/NAME.log, record exit co
     local name=$1 limit=$2; shift 2
     local t0=$(date +%s)
     local left=$(( BUDGET_S - (t0 - start) ))
+    case " ${SKIP_STEPS:-} " in *" $name "*)
+        printf '%s\tskipped (SKIP_STEPS)\t0\n' "$name" >> "$STATUS"
+        return 0 ;;
+    esac
     if [ "$left" -lt 15 ]; then
         printf '%s\tskipped (budget)\t0\n' "$name" >> "$STATUS"
         return 0
@@ -79,17 +87,19 @@ cat "$OUT/env.json"
 
 if [ "$PARTS" != step ]; then
     # 3. gpu-marked tests (all test files; CPU-only tests are deselected).
-    step pytest_gpu 95 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml"
+    # shellcheck disable=SC2086
+    step pytest_gpu 95 "$PY" -m pytest -q -m gpu ${PYTEST_ARGS:-tests} -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml"
 
     # 4. Kernel benchmarks: one line per kernel family, each writes its JSON + markdown into $OUT.
     step bench_logprob 105 "$PY" benchmarks/bench_logprob.py --out "$OUT" --rep-ms 30 \
-        --methods triton,triton_loss,triton_loss_recompute,torch,torch_loss,eager,liger,cce
+        --methods "${LOGPROB_METHODS:-cublas,cublas_loss,cublas_loss_1g,triton,triton_loss,triton_loss_recompute,torch,torch_loss,eager,liger,cce}"
     step bench_logprob_compile 30 "$PY" benchmarks/bench_logprob.py --out "$OUT" --rep-ms 30 \
         --shapes 16384x4096x128256 --methods compile_chunked --tag compile
     step bench_attention 100 "$PY" benchmarks/bench_attention.py --out "$OUT" --prompts 2048 --ks 3 15 63
 fi
 if [ "$PARTS" != kernels ]; then
-    step bench_step 240 "$PY" benchmarks/bench_step.py --preset gpu --out "$OUT"  # partial rows survive a cut
+    # shellcheck disable=SC2086
+    step bench_step "${STEP_TIMEOUT_S:-240}" "$PY" benchmarks/bench_step.py --preset gpu --out "$OUT" ${STEP_ARGS:-}  # partial rows survive a cut
 fi
 
 # 5. Summary.

@@ -20,7 +20,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-_HINTED = ("D", "V", "v0", "n_cols", "stride_h", "stride_w", "stride_out")  # D = 4096, V = 128256, S = k * 128
+_HINTED = ("D", "V", "v0", "n_cols", "stride_h", "stride_w", "stride_out", "stride_x")  # D = 4096, V = 128256, S = k * 128
 
 
 def _kernels():
@@ -34,7 +34,16 @@ def _kernels():
     dl_sig = dict(h_ptr=p16, w_ptr=p16, rows_ptr=pi, x_ptr=pf, lse_ptr=pf, g_row_ptr=pf, row_ptr_ptr=pi, t_ids_ptr=pi,
                   g_t_ptr=pf, out_ptr=p16, Nr="i32", V="i32", D="i32", v0="i32", n_cols="i32", stride_h="i32",
                   stride_w="i32", stride_out="i32")
-    return [
+    from . import logprobs_cublas as cb
+
+    row_opts = dict(num_warps=cb._CUDA_DEFAULTS["num_warps"], num_stages=1)
+    row_block = dict(BLOCK=cb._CUDA_DEFAULTS["block"])
+    rows = [
+        (cb._row_lse_kernel, dict(x_ptr=p16, lse_ptr=pf, V="i32", stride_x="i32"), row_block, False, row_opts),
+        (cb._row_grad_kernel, dict(x_ptr=p16, lse_ptr=pf, g_row_ptr=pf, row_ptr_ptr=pi, t_ids_ptr=pi, g_t_ptr=pf,
+                                   row0="i32", V="i32", stride_x="i32"), row_block, False, row_opts),
+    ]
+    return [(*k, None) for k in [
         (lp._lse_kernel, lse_sig, dict(_BLOCKS, PREC="tf32", STORE=False), True),
         (lp._lse_kernel, lse_sig, dict(_BLOCKS, PREC="tf32", STORE=True), True),
         (lp._target_kernel, dict(h_ptr=p16, w_ptr=p16, rows_ptr=pi, t_rows_ptr=pi, t_ids_ptr=pi, t_cands_ptr=pi,
@@ -42,7 +51,7 @@ def _kernels():
          dict(BLOCK_T=d["block_t"], BLOCK_D=d["block_d"]), False),
         (lp._dlogits_kernel, dl_sig, dict(_BLOCKS, GROUP_M=d["group_m"], PREC="tf32", STORED=False), True),
         (lp._dlogits_kernel, dl_sig, dict(_BLOCKS, GROUP_M=d["group_m"], PREC="tf32", STORED=True), False),
-    ]
+    ]] + rows
 
 
 def lp_defaults() -> dict:
@@ -63,14 +72,14 @@ def compile_report(arch: int = 90) -> list[dict]:
     target = GPUTarget("cuda", arch, 32)
     out = []
     with tempfile.TemporaryDirectory() as tmp:
-        for fn, sig, const, gemm in _kernels():
+        for fn, sig, const, gemm, launch in _kernels():
             names = list(sig) + list(const)
             hinted = [n for n, t in sig.items() if t.startswith("*") or n in _HINTED]
             attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in hinted}
             full_sig = dict(sig, **{k: "constexpr" for k in const})
             d = lp_defaults()
-            k = triton.compile(ASTSource(fn, full_sig, const, attrs), target=target,
-                               options=dict(num_warps=d["num_warps"], num_stages=d["num_stages"]))
+            launch = launch or dict(num_warps=d["num_warps"], num_stages=d["num_stages"])
+            k = triton.compile(ASTSource(fn, full_sig, const, attrs), target=target, options=launch)
             ops = re.findall(r"^\s*(?:@%p\d+\s+)?([a-z][a-z0-9_.:]+)", k.asm["ptx"], re.M)
             counts = Counter(o for o in ops if o.startswith(("ld.global", "cp.async.cg", "cp.async.ca", "wgmma.mma", "mma.")))
             regs = stack = None

@@ -5,7 +5,8 @@ the same plus the loss and its gradients in one op; ``"attention"``: shared-pref
 themselves when their module imports; a backend whose requirements are missing (no GPU, no compiled
 extension) simply never registers, so ``"auto"`` falls through to the next one.
 
-Names: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"native"`` (the csrc CPU
+Names: ``"cublas"`` (library GEMMs + Triton row kernels; log-prob ops only), ``"triton"`` (fully
+fused Triton kernels), both on CUDA or on CPU under ``TRITON_INTERPRET=1``; ``"native"`` (the csrc CPU
 extension), ``"torch"`` (the readable reference, any device).
 """
 
@@ -18,12 +19,17 @@ from typing import Callable
 
 import torch
 
-BACKENDS = ("auto", "triton", "native", "torch")
+BACKENDS = ("auto", "cublas", "triton", "native", "torch")
 _REGISTRY: dict[str, dict[str, Callable]] = {"logprobs": {}, "sdpo_loss": {}, "attention": {}}
 
 # Modules that register optional backends when they import. A module whose requirements are missing
 # (triton not installed, csrc extension not built) raises ImportError and is skipped.
-_OPTIONAL_MODULES = ("sdpo_fast.kernels.logprobs", "sdpo_fast.kernels.attention", "sdpo_fast.native")
+_OPTIONAL_MODULES = (
+    "sdpo_fast.kernels.logprobs_cublas",
+    "sdpo_fast.kernels.logprobs",
+    "sdpo_fast.kernels.attention",
+    "sdpo_fast.native",
+)
 _loaded = False
 
 
@@ -42,8 +48,11 @@ def _load_optional() -> None:
             warnings.warn(f"sdpo_fast: {name} unavailable ({exc}); its backend is skipped", stacklevel=3)
 
 
-# Preference of "auto" per device type; the first registered one wins.
-_AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("native", "torch")}
+# Preference of "auto" per device type; the first registered one wins. On CUDA "cublas" before
+# "triton": its GEMMs are cuBLAS's, which the fused Triton GEMMs trail by ~1.7x on an H200
+# (benchmarks/results/bench_logprob_gpu-NVIDIA_H200.md).
+_AUTO_ORDER = {"cuda": ("cublas", "triton", "torch"), "cpu": ("native", "torch")}
+_NEEDS_TRITON = ("cublas", "triton")
 
 
 def register(op: str, name: str, fn: Callable) -> None:
@@ -77,7 +86,7 @@ def resolve(op: str, backend: str, device: torch.device | str) -> str:
     table = _REGISTRY[op]
     if backend == "auto":
         for name in _AUTO_ORDER.get(device.type, ("torch",)):
-            if name in table and (name != "triton" or triton_usable(device)):
+            if name in table and (name not in _NEEDS_TRITON or triton_usable(device)):
                 return name
         return "torch"
     if backend not in table:
@@ -85,8 +94,8 @@ def resolve(op: str, backend: str, device: torch.device | str) -> str:
             f"backend {backend!r} is not available for {op} here (available: {available(op)}); "
             "see the README for what each backend needs"
         )
-    if backend == "triton" and not triton_usable(device):
-        raise ValueError(f"backend 'triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU), got {device}")
+    if backend in _NEEDS_TRITON and not triton_usable(device):
+        raise ValueError(f"backend {backend!r} needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU), got {device}")
     return backend
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 
 from transformers import HfArgumentParser
 
+from . import backends
+
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
@@ -141,8 +143,8 @@ def validate(model_args: ModelArguments, data_args: DataArguments, train_args: T
             "--reference live needs --lora and --stage sdpo/dpo (the reference is the policy with adapters "
             "disabled, i.e. the starting model); --stage all uses --reference precompute"
         )
-    if train_args.backend not in ("auto", "triton", "native", "torch"):
-        problems.append(f"--backend must be auto, triton, native or torch, got {train_args.backend!r}")
+    if train_args.backend not in backends.BACKENDS:
+        problems.append(f"--backend must be one of {', '.join(backends.BACKENDS)}, got {train_args.backend!r}")
     if train_args.eval not in ("none", "ranking", "generation", "both"):
         problems.append(f"--eval must be none, ranking, generation or both, got {train_args.eval!r}")
     if train_args.batch_size < 1:

@@ -102,6 +102,20 @@ def test_out_of_memory_is_marked_and_the_sweep_goes_on(bench, tmp_path, monkeypa
     assert "| 3 | OOM |" in paths["md"].read_text()
 
 
+def test_bf16_rows_are_checked_against_an_fp32_copy(bench, tmp_path):
+    """In 16 bits every method, (a) included, is measured against (a) on an fp32 copy of the model;
+    (c) keeps fp32 logits, so its loss is no further from that reference than (a)'s (plus the floor)."""
+    argv = TINY + ["--dtype", "bfloat16", "--ks", "1", "3", "--modes", "full", "lora", "--methods", "a", "c",
+                   "--out", str(tmp_path), "--no-plot"]
+    _, rows, _ = bench.main(argv)
+    for r in rows:
+        assert r["status"] == "ok" and "ref32_loss_abs_err" in r, r
+        if r["method"] == "c":
+            a = next(x for x in rows if (x["mode"], x["K"], x["method"]) == (r["mode"], r["K"], "a"))
+            assert r["check"] == "ok", r
+            assert r["ref32_loss_abs_err"] <= 2 * a["ref32_loss_abs_err"] + bench.REF32_FLOOR["loss_abs_err"]
+
+
 @pytest.mark.parametrize("bad", [["--ks", "0"], ["--repeats", "0"], ["--heads", "3"], ["--threads", "0"]])
 def test_bad_arguments_raise(bench, bad):
     with pytest.raises(ValueError):
@@ -117,7 +131,7 @@ def test_gpu_path_tiny_bf16(bench, tmp_path):
         "--repeats", "2", "--out", str(tmp_path), "--no-plot",
     ]
     meta, rows, _ = bench.main(argv, flce_provider=reference_flce)
-    assert meta["dtype"] == "bfloat16" and meta["sdpo_fast_backends"]["sdpo_loss"] == "triton"
+    assert meta["dtype"] == "bfloat16" and meta["sdpo_fast_backends"]["sdpo_loss"] == "cublas"
     for r in rows:
         assert r["status"] == "ok" and r["ms"] > 0 and r["mem_mib"] >= r["step_mib"] > 0, r
         if r["method"] != "a":

@@ -1,0 +1,350 @@
+"""Log-probs and the fused S-DPO loss as library GEMMs (cuBLAS on CUDA) plus two Triton row kernels.
+Backend ``"cublas"`` of the ops ``"logprobs"`` and ``"sdpo_loss"``; ``"auto"`` prefers it on CUDA.
+
+Why: measured on an H200 (``benchmarks/results/bench_logprob_gpu-NVIDIA_H200.md``), the logit GEMMs
+that ``kernels/logprobs.py`` fuses into its Triton kernels run at ~470 TFLOP/s against cuBLAS's
+~800, so the fully fused path lands at ~2x the bare GEMM time. Here every GEMM is a library GEMM and
+Triton only does what GEMMs cannot: the row passes over a bounded chunk of logits.
+
+Rows are processed in chunks of at most ``chunk_bytes`` of logits (``[c, V]`` in the input dtype):
+    x = h[rows] @ W^T                 GEMM into the chunk buffer
+    lse = _row_lse_kernel(x)          one read: online max / sum-exp in fp32 per row
+    logp_t = x[row_t, id_t] - lse     gathered, summed per candidate (index_add)
+and for the gradient, once dL/dlogp per candidate is known (``g_t`` per target, ``g_row = sum g_t``):
+    x <- _row_grad_kernel(x)          in place: ``sum_t g_t onehot(id_t) - g_row softmax(x)``, formed
+                                      in fp32 before the cast, so ``g (1 - p)`` never cancels
+    dh[rows] = x @ W                  GEMM, one rounding per element
+    dW += x^T @ h[rows]               GEMM; accumulated in the weight's dtype across chunks
+``fused_sdpo_loss``: when every group's rows fit one chunk, chunks hold whole groups, so each chunk's
+loss weights are known right after its forward and the gradient reuses the chunk: three GEMMs in all.
+Otherwise (or for ``sequence_logprobs``, whose upstream gradient comes later) the gradient pass
+recomputes the logits: four GEMMs.
+
+Extra memory: the chunk buffer plus ``[c, D]`` temporaries. dW accumulates in the weight's dtype (bf16
+rounding once per chunk, as other chunked fused-CE implementations do); fp32 inputs stay fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from sdpo_fast import backends
+from sdpo_fast.fused_loss import group_loss_and_grad
+from sdpo_fast.packing import PackedBatch
+
+__all__ = ["cublas_sequence_logprobs", "cublas_sdpo_loss", "plan_chunks"]
+
+# 192 MiB of logits per chunk: at V = 128256 in bf16, 784 rows; keeps the peak within ~1.1x of
+# inputs + dW + dHidden at N = 16k, D = 4096 (the issue's memory goal).
+_CUDA_DEFAULTS = dict(chunk_bytes=192 << 20, chunk_rows=None, block=4096, num_warps=8)
+_CPU_DEFAULTS = dict(chunk_bytes=1 << 20, chunk_rows=None, block=64, num_warps=4)
+_OPTION_NAMES = set(_CUDA_DEFAULTS)
+
+
+# --------------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_lse_kernel(x_ptr, lse_ptr, V, stride_x, BLOCK: tl.constexpr):
+    """``lse[r] = logsumexp(x[r, :V])`` in fp32, one program per row of the chunk."""
+    r = tl.program_id(0).to(tl.int64)
+    base = x_ptr + r * stride_x
+    offs = tl.arange(0, BLOCK)
+    m_i = tl.full((1,), float("-inf"), dtype=tl.float32)
+    s_i = tl.zeros((1,), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK):
+        cols = v0 + offs
+        x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)[None, :]
+        # Every block holds at least one real column, so m_new is finite.
+        m_new = tl.maximum(m_i, tl.max(x, axis=1))
+        s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+        m_i = m_new
+    tl.store(lse_ptr + r + tl.arange(0, 1), m_i + tl.log(s_i))
+
+
+@triton.jit
+def _row_grad_kernel(x_ptr, lse_ptr, g_row_ptr, row_ptr_ptr, t_ids_ptr, g_t_ptr, row0, V, stride_x,
+                     BLOCK: tl.constexpr):
+    """In place on row r of the chunk (global logit row ``row0 + r``):
+    ``x[r, v] <- sum_{t of row} g_t [id_t == v] - g_row[r] * exp(x[r, v] - lse[r])``, in fp32, then cast."""
+    r = tl.program_id(0).to(tl.int64)
+    one = tl.arange(0, 1)
+    base = x_ptr + r * stride_x
+    lse = tl.load(lse_ptr + r + one)
+    g_row = tl.load(g_row_ptr + r + one)
+    t_lo = tl.load(row_ptr_ptr + row0 + r + one)
+    cnt = tl.load(row_ptr_ptr + row0 + r + 1 + one) - t_lo
+    n_t = tl.max(cnt, axis=0)
+    offs = tl.arange(0, BLOCK)
+    for v0 in range(0, V, BLOCK):
+        cols = v0 + offs
+        mask = cols < V
+        x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)[None, :]
+        d = -g_row[:, None] * tl.exp(x - lse[:, None])
+        # Most rows own one target; the prompt's last row owns one per candidate.
+        for k in range(0, n_t):
+            tid = tl.load(t_ids_ptr + t_lo + k)
+            g_k = tl.load(g_t_ptr + t_lo + k)
+            d += tl.where(cols[None, :] == tid[:, None], g_k[:, None], 0.0)
+        tl.store(base + cols[None, :], d.to(x_ptr.dtype.element_ty), mask=mask[None, :])
+
+
+# --------------------------------------------------------------------------------------------------
+# chunk plan (host side, from the batch's layout: no device sync)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Logit rows ``[r0, r1)`` and their targets ``[t0, t1)``; ``groups`` ``(g0, g1)`` when the chunk
+    holds whole groups (positions in logit-row order, see ``plan_chunks``), else None."""
+
+    r0: int
+    r1: int
+    t0: int
+    t1: int
+    groups: tuple[int, int] | None
+
+
+def _group_extents(batch: PackedBatch):
+    """Groups in logit-row order with ``(gi, rows, targets, K + 1)``: the prompt's last row owns K+1
+    targets, then every candidate token after the first is one row with one target."""
+    order = sorted(range(batch.num_groups), key=lambda gi: batch.group_spans[gi][:2])
+    ext = []
+    for gi in order:
+        lens = batch.group_layout[gi][1]
+        ext.append((gi, 1 + sum(n - 1 for n in lens), sum(lens), len(lens)))
+    return ext
+
+
+def plan_chunks(batch: PackedBatch, max_rows: int, whole_groups: bool):
+    """Chunks of at most ``max_rows`` logit rows. With ``whole_groups`` every chunk holds whole groups,
+    or the plan is None when some group has more rows than ``max_rows``. Returns ``(order, chunks)``:
+    ``order`` the group ids in logit-row order, ``chunks`` a list of ``Chunk``."""
+    ext = _group_extents(batch)
+    if whole_groups and any(rows > max_rows for _, rows, _, _ in ext):
+        return [gi for gi, *_ in ext], None
+    chunks, r, t = [], 0, 0
+    cur = None  # [r0, t0, g0] of the open whole-group chunk
+    for pos, (gi, rows, targets, n_cands) in enumerate(ext):
+        if rows <= max_rows:
+            if cur is not None and r + rows - cur[0] > max_rows:
+                chunks.append(Chunk(cur[0], r, cur[1], t, (cur[2], pos)))
+                cur = None
+            if cur is None:
+                cur = [r, t, pos]
+            r, t = r + rows, t + targets
+            continue
+        if cur is not None:
+            chunks.append(Chunk(cur[0], r, cur[1], t, (cur[2], pos)))
+            cur = None
+        # A group longer than a chunk: split its rows; row i > 0 owns target n_cands + i - 1.
+        for a in range(0, rows, max_rows):
+            b = min(rows, a + max_rows)
+            ta = 0 if a == 0 else n_cands + a - 1
+            chunks.append(Chunk(r + a, r + b, t + ta, t + n_cands + b - 1, None))
+        r, t = r + rows, t + targets
+    if cur is not None:
+        chunks.append(Chunk(cur[0], r, cur[1], t, (cur[2], len(ext))))
+    return [gi for gi, *_ in ext], chunks
+
+
+# --------------------------------------------------------------------------------------------------
+# passes
+# --------------------------------------------------------------------------------------------------
+
+
+def _options(device: torch.device, options: dict) -> dict:
+    unknown = set(options) - _OPTION_NAMES
+    if unknown:
+        raise ValueError(f"unknown cublas option(s) {sorted(unknown)}; known: {sorted(_OPTION_NAMES)}")
+    opts = dict(_CUDA_DEFAULTS if device.type == "cuda" else _CPU_DEFAULTS)
+    opts.update({k: v for k, v in options.items() if v is not None})
+    b = opts["block"]
+    if not isinstance(b, int) or b < 16 or b & (b - 1):
+        raise ValueError(f"block must be a power of two >= 16, got {b!r}")
+    for name in ("chunk_bytes", "chunk_rows"):
+        v = opts.get(name)
+        if v is not None and (not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return opts
+
+
+def _max_rows(weight: torch.Tensor, opts: dict) -> int:
+    if opts.get("chunk_rows"):
+        return opts["chunk_rows"]
+    return max(1, opts["chunk_bytes"] // (weight.shape[0] * weight.element_size()))
+
+
+def _check(hidden: torch.Tensor, weight: torch.Tensor):
+    if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"cublas backend: hidden must be fp32/fp16/bf16, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"cublas backend: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    return (hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
+            weight if weight.stride(-1) == 1 else weight.contiguous())
+
+
+class _Pass:
+    """Buffers shared by the chunks of one call: the logits chunk and the gradient outputs."""
+
+    def __init__(self, hidden, weight, batch: PackedBatch, opts, max_rows):
+        self.hidden, self.weight, self.batch, self.opts = hidden, weight, batch, opts
+        self.V = weight.shape[0]
+        self.buf = torch.empty(max_rows, self.V, dtype=hidden.dtype, device=hidden.device)
+        self.dhidden = self.dweight = None
+        self.dw_started = False
+
+    def logits(self, c: Chunk):
+        """``(h [c, D], x [c, V])`` of the chunk's rows; x lives in the shared buffer."""
+        h = self.hidden.index_select(0, self.batch.logit_rows[c.r0 : c.r1])
+        x = self.buf[: c.r1 - c.r0]
+        torch.mm(h, self.weight.t(), out=x)
+        return h, x
+
+    def forward(self, c: Chunk, x, lse, logps):
+        """Writes ``lse[c.r0:c.r1]`` and adds the chunk's token log-probs into ``logps [G * C]``."""
+        b = self.batch
+        lse_c = lse[c.r0 : c.r1]
+        _row_lse_kernel[(c.r1 - c.r0,)](x, lse_c, self.V, x.stride(0), BLOCK=self.opts["block"],
+                                        num_warps=self.opts["num_warps"])
+        if c.t1 > c.t0:
+            local = b.target_rows[c.t0 : c.t1] - c.r0
+            tok = x[local, b.target_ids[c.t0 : c.t1]].float() - lse_c.index_select(0, local)
+            logps.index_add_(0, b.target_candidates[c.t0 : c.t1], tok)
+
+    def backward(self, c: Chunk, h, x, lse, g_t, need_h, need_w):
+        """Gradient of ``sum_t g_t logp_t`` over the chunk's rows (``g_t [N]`` fp32, all targets)."""
+        b = self.batch
+        n = c.r1 - c.r0
+        g_row = torch.zeros(n, dtype=torch.float32, device=x.device)
+        if c.t1 > c.t0:
+            g_row.index_add_(0, b.target_rows[c.t0 : c.t1] - c.r0, g_t[c.t0 : c.t1])
+        _row_grad_kernel[(n,)](x, lse[c.r0 : c.r1], g_row, b.row_ptr, b.target_ids, g_t, c.r0, self.V, x.stride(0),
+                               BLOCK=self.opts["block"], num_warps=self.opts["num_warps"])
+        if need_h:
+            if self.dhidden is None:
+                self.dhidden = torch.zeros_like(self.hidden)
+            self.dhidden.index_copy_(0, b.logit_rows[c.r0 : c.r1], torch.mm(x, self.weight))
+        if need_w:
+            if not self.dw_started:
+                self.dweight = torch.mm(x.t(), h)
+                self.dw_started = True
+            else:
+                self.dweight.addmm_(x.t(), h)
+
+    def grads(self, need_h, need_w):
+        dh, dw = self.dhidden, self.dweight
+        if need_h and dh is None:
+            dh = torch.zeros_like(self.hidden)
+        if need_w and dw is None:
+            dw = torch.zeros_like(self.weight)
+        return dh, dw
+
+
+def _forward_all(p: _Pass, chunks):
+    b = p.batch
+    lse = torch.empty(b.logit_rows.shape[0], dtype=torch.float32, device=p.hidden.device)
+    logps = torch.zeros(b.candidate_mask.numel(), dtype=torch.float32, device=p.hidden.device)
+    for c in chunks:
+        _, x = p.logits(c)
+        p.forward(c, x, lse, logps)
+    return lse, logps
+
+
+def _backward_all(p: _Pass, chunks, lse, grad_logps, need_h, need_w):
+    g_t = grad_logps.float().index_select(0, p.batch.target_candidates).contiguous()
+    for c in chunks:
+        h, x = p.logits(c)
+        p.backward(c, h, x, lse, g_t, need_h, need_w)
+    return p.grads(need_h, need_w)
+
+
+# --------------------------------------------------------------------------------------------------
+# backend entry points
+# --------------------------------------------------------------------------------------------------
+
+
+class _CublasSequenceLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, batch, opts):
+        rows = _max_rows(weight, opts)
+        _, chunks = plan_chunks(batch, rows, whole_groups=False)
+        lse, logps = _forward_all(_Pass(hidden, weight, batch, opts, rows), chunks)
+        ctx.save_for_backward(hidden, weight, lse)
+        ctx.batch, ctx.opts, ctx.chunks, ctx.rows = batch, opts, chunks, rows
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_h or need_w):
+            return None, None, None, None
+        p = _Pass(hidden, weight, ctx.batch, ctx.opts, ctx.rows)
+        dh, dw = _backward_all(p, ctx.chunks, lse, grad_logps, need_h, need_w)
+        return dh, dw, None, None
+
+
+def cublas_sequence_logprobs(hidden, weight, batch: PackedBatch, **options) -> torch.Tensor:
+    """``"logprobs"`` backend: ``[G, C]`` fp32 log-probs, differentiable w.r.t. hidden ``[T, D]`` and
+    weight ``[V, D]``. Options: chunk_bytes (logits per chunk), chunk_rows (overrides it), block
+    (columns per step of the row kernels), num_warps. The backward recomputes each chunk's logits."""
+    hidden, weight = _check(hidden, weight)
+    opts = _options(hidden.device, options)
+    return _CublasSequenceLogprobs.apply(hidden, weight, batch, opts).view(batch.candidate_mask.shape)
+
+
+def cublas_sdpo_loss(hidden, weight, batch: PackedBatch, ref_logps, beta, sft_weight, need_h, need_w, **options):
+    """``"sdpo_loss"`` backend: ``(loss_g [G] fp32, logps [G, C] fp32, dhidden [T, D] | None,
+    dweight [V, D] | None)``, the gradients being those of ``sum_g loss_g``. Options as
+    ``cublas_sequence_logprobs``; chunks hold whole groups when each group fits one (three GEMMs)."""
+    hidden, weight = _check(hidden, weight)
+    opts = _options(hidden.device, options)
+    rows = _max_rows(weight, opts)
+    G, C = batch.candidate_mask.shape
+    dev = hidden.device
+    with torch.no_grad():
+        order, chunks = plan_chunks(batch, rows, whole_groups=True)
+        p = _Pass(hidden, weight, batch, opts, rows)
+        if chunks is None or not (need_h or need_w):  # a group longer than a chunk: recompute
+            _, chunks = plan_chunks(batch, rows, whole_groups=False)
+            lse, logps = _forward_all(p, chunks)
+            logps = logps.view(G, C)
+            loss_g, grad = group_loss_and_grad(logps, ref_logps, batch.candidate_mask, batch.candidate_lens, beta,
+                                               sft_weight)
+            if not (need_h or need_w):
+                return loss_g, logps, None, None
+            dh, dw = _backward_all(p, chunks, lse, grad.flatten(), need_h, need_w)
+            return loss_g, logps, dh, dw
+        order_t = torch.tensor(order, dtype=torch.long).to(dev, non_blocking=True)
+        lse = torch.empty(batch.logit_rows.shape[0], dtype=torch.float32, device=dev)
+        logps = torch.zeros(G * C, dtype=torch.float32, device=dev)
+        loss_g = torch.zeros(G, dtype=torch.float32, device=dev)
+        grad = torch.zeros(G, C, dtype=torch.float32, device=dev)
+        g_t = torch.zeros(batch.num_targets, dtype=torch.float32, device=dev)
+        lp2 = logps.view(G, C)
+        for c in chunks:
+            h, x = p.logits(c)
+            p.forward(c, x, lse, logps)
+            sel = order_t[c.groups[0] : c.groups[1]]
+            lg, gr = group_loss_and_grad(lp2.index_select(0, sel), ref_logps.index_select(0, sel),
+                                         batch.candidate_mask.index_select(0, sel),
+                                         batch.candidate_lens.index_select(0, sel), beta, sft_weight)
+            loss_g.index_copy_(0, sel, lg)
+            grad.index_copy_(0, sel, gr)
+            if c.t1 > c.t0:
+                g_t[c.t0 : c.t1] = grad.view(-1).index_select(0, batch.target_candidates[c.t0 : c.t1])
+            p.backward(c, h, x, lse, g_t, need_h, need_w)
+        dh, dw = p.grads(need_h, need_w)
+    return loss_g, lp2, dh, dw
+
+
+backends.register("logprobs", "cublas", cublas_sequence_logprobs)
+backends.register("sdpo_loss", "cublas", cublas_sdpo_loss)
