@@ -422,8 +422,8 @@ def compare(check: dict, ref: dict, tol: dict) -> dict:
 # 16-bit runs up to this many naive tokens also run (a) on an fp32 copy of the model: the reference
 # that (a), (b) and (c) are all measured against (in 16 bits, (a) itself is off by bf16 rounding).
 REF32_MAX_TOKENS = 8704
-# Floors of the fp32-reference verdict: a method passes when its error is within 2x (a)'s plus these.
-REF32_FLOOR = dict(logps_rel_err=1e-4, grad_rel_err=1e-3, loss_abs_err=1e-3)
+# Floor of the fp32-reference verdict: a method passes when its log-prob error is within 2x (a)'s plus it.
+REF32_FLOOR = dict(logps_rel_err=1e-4)
 
 
 def fp32_reference_check(method, run) -> dict:
@@ -440,13 +440,17 @@ def fp32_reference_check(method, run) -> dict:
 
 
 def compare_fp32(checks: dict, ref32: dict) -> dict:
-    """Per method: errors against the fp32 reference, and "ok" when none exceeds 2x (a)'s plus a floor."""
+    """Per method: errors against the fp32 reference, and "ok" when its log-prob error is within 2x
+    (a)'s plus a floor. The loss and gradient-norm errors are reported, not judged: at step 0 they are
+    bf16 noise of the whole forward amplified by the loss (measured on an H200, Llama-3.2-1B shape:
+    (a)'s own loss error against fp32 ranged 0.007-0.10 across K), so one sample cannot rank methods."""
     errs = {key: errors(c, ref32) for key, c in checks.items() if c is not None}
     out = {}
     for key, e in errs.items():
         row = {f"ref32_{k}": float(f"{v:.3g}") for k, v in e.items()}
         if key != "a" and "a" in errs:
-            ok = all(e[k] <= 2 * errs["a"][k] + REF32_FLOOR[k] for k in e)
+            k = "logps_rel_err"
+            ok = e[k] <= 2 * errs["a"][k] + REF32_FLOOR[k]
             row["check"] = "ok" if ok else "MISMATCH"
         out[key] = row
     return out
