@@ -166,7 +166,10 @@ std::pair<at::Tensor, at::Tensor> new_grads(const Layout& L, bool need_h, bool n
 
 // ---- op "logprobs" -------------------------------------------------------------------------------
 
-// Returns (lse [Nr], logps [num_cands]) with logps[c] = sum of token log-probs of candidate c.
+// Returns (lse [Nr], logps [num_cands], tile) with logps[c] = sum of token log-probs of candidate c, and
+// tile the [chunk, V] buffer whose first Nr - last_r0 rows still hold the logits of the last chunk
+// (rows [last_r0, Nr), last_r0 = the last multiple of chunk below Nr). The backward reads them instead
+// of recomputing that chunk, and reuses the buffer: no memory beyond what the backward holds anyway.
 std::vector<at::Tensor> logprobs_forward(const at::Tensor& h, const at::Tensor& w, const at::Tensor& row_ptr,
                                          const at::Tensor& target_ids, const at::Tensor& target_cands,
                                          int64_t num_cands, int64_t tile_elements) {
@@ -187,14 +190,16 @@ std::vector<at::Tensor> logprobs_forward(const at::Tensor& h, const at::Tensor& 
     TORCH_CHECK(L.target_cands[t] >= 0 && L.target_cands[t] < num_cands, "native backend: bad target candidate");
     lp[L.target_cands[t]] += tk[t];
   }
-  return {lse, logps};
+  return {lse, logps, buf};
 }
 
 // Returns (dh [Nr, D] fp32 or undefined, dw [V, D] fp32 or undefined) for upstream grad_logps [num_cands].
+// tile: the forward's buffer (its first rows hold the last chunk's logits, see logprobs_forward), or
+// undefined to recompute every chunk. It is overwritten.
 std::vector<at::Tensor> logprobs_backward(const at::Tensor& h, const at::Tensor& w, const at::Tensor& row_ptr,
                                           const at::Tensor& target_ids, const at::Tensor& target_cands,
                                           const at::Tensor& lse, const at::Tensor& grad_logps, bool need_h,
-                                          bool need_w, int64_t tile_elements) {
+                                          bool need_w, int64_t tile_elements, c10::optional<at::Tensor> tile) {
   const Layout L = check_layout(h, w, row_ptr, target_ids, target_cands);
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == L.Nr, "native backend: lse [Nr] fp32");
   const at::Tensor g = grad_logps.to(at::kFloat).contiguous();
@@ -202,8 +207,23 @@ std::vector<at::Tensor> logprobs_backward(const at::Tensor& h, const at::Tensor&
   if (L.Nr == 0 || (!need_h && !need_w)) return {dh, dw};
   at::Tensor g_t = g.index_select(0, target_cands);
   const int64_t chunk = std::min(rows_per_tile(tile_elements, L.V), L.Nr);
-  at::Tensor buf = at::empty({chunk, L.V}, at::TensorOptions().dtype(at::kFloat));
-  recompute_backward(L, h, w, 0, L.Nr, lse.data_ptr<float>(), g_t.data_ptr<float>(), buf, chunk, dh, dw);
+  int64_t end = L.Nr;
+  at::Tensor buf;
+  if (tile.has_value() && tile->defined()) {
+    buf = *tile;
+    TORCH_CHECK(buf.scalar_type() == at::kFloat && buf.is_contiguous() && buf.dim() == 2 && buf.size(0) == chunk &&
+                    buf.size(1) == L.V, "native backend: the stored tile must be the forward's [chunk, V] buffer");
+    const int64_t last = (L.Nr - 1) / chunk * chunk;  // first row of the forward's last chunk
+    const int64_t n = L.Nr - last;
+    at::Tensor stored = buf.narrow(0, 0, n);
+    rows_recompute_grad(stored.data_ptr<float>(), n, L.V, L.row_ptr + last, L.target_ids, g_t.data_ptr<float>(),
+                        lse.data_ptr<float>() + last, threads());
+    gradient_gemms(h, w, last, n, stored, at::Tensor(), dh, dw);
+    end = last;
+  } else {
+    buf = at::empty({chunk, L.V}, at::TensorOptions().dtype(at::kFloat));
+  }
+  recompute_backward(L, h, w, 0, end, lse.data_ptr<float>(), g_t.data_ptr<float>(), buf, chunk, dh, dw);
   return {dh, dw};
 }
 
@@ -338,9 +358,10 @@ std::vector<at::Tensor> sdpo_loss(const at::Tensor& h, const at::Tensor& w, cons
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sdpo_fast native CPU kernels (fused log-probs and S-DPO loss); see csrc/sdpo_native.cpp";
-  m.def("logprobs_forward", &logprobs_forward, "(h, w, row_ptr, target_ids, target_candidates, num_cands, tile_elements) -> (lse, logps)");
+  m.def("logprobs_forward", &logprobs_forward,
+        "(h, w, row_ptr, target_ids, target_candidates, num_cands, tile_elements) -> (lse, logps, tile)");
   m.def("logprobs_backward", &logprobs_backward,
-        "(h, w, row_ptr, target_ids, target_candidates, lse, grad_logps, need_h, need_w, tile_elements) -> (dh, dw)");
+        "(h, w, row_ptr, target_ids, target_candidates, lse, grad_logps, need_h, need_w, tile_elements, tile) -> (dh, dw)");
   m.def("sdpo_loss", &sdpo_loss,
         "(h, w, row_ptr, target_ids, target_candidates, ref_logps, mask, lens, beta, sft_weight, need_h, need_w, "
         "tile_elements) -> (loss_g, logps, dh, dw)");

@@ -123,12 +123,14 @@ class _NativeSequenceLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, batch, tile):
         h, w = _prepare(hidden, weight, batch)
         G, C = batch.candidate_mask.shape
-        lse, logps = extension.logprobs_forward(
+        lse, logps, buf = extension.logprobs_forward(
             h, w, batch.row_ptr, batch.target_ids, batch.target_candidates, G * C, tile
         )
-        # the fp32 weight is rebuilt in backward rather than kept alive when weight is bf16/fp16
+        # the fp32 weight is rebuilt in backward rather than kept alive when weight is bf16/fp16; the
+        # logits buffer is kept: it holds the last chunk's logits, which the backward then skips
+        # recomputing, and it is the buffer the backward needs anyway (no extra peak memory)
         ctx.save_for_backward(hidden, weight, h, lse)
-        ctx.batch, ctx.tile = batch, tile
+        ctx.batch, ctx.tile, ctx.buf = batch, tile, buf
         return logps.view(G, C)
 
     @staticmethod
@@ -137,9 +139,10 @@ class _NativeSequenceLogprobs(torch.autograd.Function):
         batch = ctx.batch
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         w = weight.detach().float().contiguous()
+        buf, ctx.buf = ctx.buf, None  # overwritten below: a second backward would find no stored logits
         dh, dw = extension.logprobs_backward(
             h, w, batch.row_ptr, batch.target_ids, batch.target_candidates, lse,
-            grad_logps.reshape(-1), need_h, need_w, ctx.tile,
+            grad_logps.reshape(-1), need_h, need_w, ctx.tile, buf,
         )
         dhidden = _scatter_dhidden(hidden, batch, dh) if need_h else None
         dweight = dw.to(weight.dtype) if need_w else None

@@ -93,6 +93,22 @@ def test_logprobs_and_gradients_match_fp64(tile):
     assert (h.grad[others] == 0).all()
 
 
+@pytest.mark.parametrize("tile", [None, V * 5])
+def test_second_backward_recomputes_the_stored_chunk(tile):
+    """The backward reads the forward's last logits chunk and overwrites it; a second backward
+    (retain_graph) must recompute it and give the same gradients."""
+    batch = sdpo_fast.pack_groups(random_groups(1), pad_to_multiple_of=8)
+    h, w = leaves(num_tokens(batch))
+    out = sdpo_fast.sequence_logprobs(h, w, batch, backend="native", tile_elements=tile)
+    upstream = torch.randn(out.shape)
+    (out * upstream).sum().backward(retain_graph=True)
+    first = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    (out * upstream).sum().backward()
+    torch.testing.assert_close(h.grad, first[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(w.grad, first[1], rtol=1e-6, atol=1e-7)
+
+
 # tile_elements: every group in one tile (no recompute); ~6 rows (groups merged where they fit, the
 # larger ones recomputed); 1 (every group over budget: the recompute fallback throughout).
 @pytest.mark.parametrize("tile", [None, V * 6, 1])
