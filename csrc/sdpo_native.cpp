@@ -166,10 +166,14 @@ std::pair<at::Tensor, at::Tensor> new_grads(const Layout& L, bool need_h, bool n
 
 // ---- op "logprobs" -------------------------------------------------------------------------------
 
+// Chunks of the plain log-prob op: the first one takes the remainder, so the last one is full
+// ([Nr - chunk, Nr)) and the most rows stay in the buffer for the backward.
+int64_t first_chunk_rows(int64_t Nr, int64_t chunk) { return Nr % chunk == 0 ? chunk : Nr % chunk; }
+
 // Returns (lse [Nr], logps [num_cands], tile) with logps[c] = sum of token log-probs of candidate c, and
-// tile the [chunk, V] buffer whose first Nr - last_r0 rows still hold the logits of the last chunk
-// (rows [last_r0, Nr), last_r0 = the last multiple of chunk below Nr). The backward reads them instead
-// of recomputing that chunk, and reuses the buffer: no memory beyond what the backward holds anyway.
+// tile the [chunk, V] buffer that still holds the logits of the last chunk, rows [Nr - chunk, Nr) (all
+// rows when Nr <= chunk). The backward reads them instead of recomputing that chunk, and reuses the
+// buffer: no memory beyond what the backward holds anyway.
 std::vector<at::Tensor> logprobs_forward(const at::Tensor& h, const at::Tensor& w, const at::Tensor& row_ptr,
                                          const at::Tensor& target_ids, const at::Tensor& target_cands,
                                          int64_t num_cands, int64_t tile_elements) {
@@ -179,8 +183,7 @@ std::vector<at::Tensor> logprobs_forward(const at::Tensor& h, const at::Tensor& 
   at::Tensor logps = at::zeros({num_cands}, f32);
   const int64_t chunk = std::min(rows_per_tile(tile_elements, L.V), std::max<int64_t>(L.Nr, 1));
   at::Tensor buf = at::empty({chunk, L.V}, f32);
-  for (int64_t a = 0; a < L.Nr; a += chunk) {
-    const int64_t n = std::min(chunk, L.Nr - a);
+  for (int64_t a = 0, n = first_chunk_rows(L.Nr, chunk); a < L.Nr; a += n, n = chunk) {
     at::Tensor tile = buf.narrow(0, 0, n);
     forward_rows(L, h, w, a, n, tile, lse.data_ptr<float>(), sum.data_ptr<float>(), tok.data_ptr<float>(), false);
   }
@@ -213,8 +216,8 @@ std::vector<at::Tensor> logprobs_backward(const at::Tensor& h, const at::Tensor&
     buf = *tile;
     TORCH_CHECK(buf.scalar_type() == at::kFloat && buf.is_contiguous() && buf.dim() == 2 && buf.size(0) == chunk &&
                     buf.size(1) == L.V, "native backend: the stored tile must be the forward's [chunk, V] buffer");
-    const int64_t last = (L.Nr - 1) / chunk * chunk;  // first row of the forward's last chunk
-    const int64_t n = L.Nr - last;
+    const int64_t n = L.Nr <= chunk ? L.Nr : chunk;  // the forward's last chunk, full (see above)
+    const int64_t last = L.Nr - n;
     at::Tensor stored = buf.narrow(0, 0, n);
     rows_recompute_grad(stored.data_ptr<float>(), n, L.V, L.row_ptr + last, L.target_ids, g_t.data_ptr<float>(),
                         lse.data_ptr<float>() + last, threads());
