@@ -1,10 +1,11 @@
 """Log-probs and the fused S-DPO loss as library GEMMs (cuBLAS on CUDA) plus two Triton row kernels.
 Backend ``"cublas"`` of the ops ``"logprobs"`` and ``"sdpo_loss"``; ``"auto"`` prefers it on CUDA.
 
-Why: measured on an H200 (``benchmarks/results/bench_logprob_gpu-NVIDIA_H200.md``), the logit GEMMs
-that ``kernels/logprobs.py`` fuses into its Triton kernels run at ~470 TFLOP/s against cuBLAS's
-~800, so the fully fused path lands at ~2x the bare GEMM time. Here every GEMM is a library GEMM and
-Triton only does what GEMMs cannot: the row passes over a bounded chunk of logits.
+Why: measured on an H200 (``benchmarks/results/bench_logprob_h200_run1.md``), the logit GEMMs that
+``kernels/logprobs.py`` fuses into its Triton kernels run at ~470 TFLOP/s against cuBLAS's ~800, so
+the fully fused path lands at ~2x the bare GEMM time. Here every GEMM is a library GEMM and Triton only
+does what GEMMs cannot: the row passes over a bounded chunk of logits (``bench_logprob_h200.md``: the
+fused loss at 1.32x of the bare GEMMs at N = 16k, D = 4096, V = 128256, bf16).
 
 Rows are processed in chunks of at most ``chunk_bytes`` of logits (``[c, V]`` in the input dtype):
     x = h[rows] @ W^T                 GEMM into the chunk buffer
@@ -38,8 +39,8 @@ from sdpo_fast.packing import PackedBatch
 
 __all__ = ["cublas_sequence_logprobs", "cublas_sdpo_loss", "plan_chunks"]
 
-# 192 MiB of logits per chunk: at V = 128256 in bf16, 784 rows; keeps the peak within ~1.1x of
-# inputs + dW + dHidden at N = 16k, D = 4096 (the issue's memory goal).
+# 192 MiB of logits per chunk: at V = 128256 in bf16, 784 rows. Measured at N = 16k, D = 4096 (H200):
+# peak 1.12x of inputs + dW + dHidden, 1.32x of the bare GEMM time; 1 GiB chunks: 1.50x, 1.11x.
 _CUDA_DEFAULTS = dict(chunk_bytes=192 << 20, chunk_rows=None, block=4096, num_warps=8)
 _CPU_DEFAULTS = dict(chunk_bytes=1 << 20, chunk_rows=None, block=64, num_warps=4)
 _OPTION_NAMES = set(_CUDA_DEFAULTS)
@@ -194,10 +195,11 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor):
 class _Pass:
     """Buffers shared by the chunks of one call: the logits chunk and the gradient outputs."""
 
-    def __init__(self, hidden, weight, batch: PackedBatch, opts, max_rows):
+    def __init__(self, hidden, weight, batch: PackedBatch, opts, chunks):
         self.hidden, self.weight, self.batch, self.opts = hidden, weight, batch, opts
         self.V = weight.shape[0]
-        self.buf = torch.empty(max_rows, self.V, dtype=hidden.dtype, device=hidden.device)
+        rows = max((c.r1 - c.r0 for c in chunks), default=1)  # a small batch needs no full-budget buffer
+        self.buf = torch.empty(rows, self.V, dtype=hidden.dtype, device=hidden.device)
         self.dhidden = self.dweight = None
         self.dw_started = False
 
@@ -276,9 +278,9 @@ class _CublasSequenceLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, batch, opts):
         rows = _max_rows(weight, opts)
         _, chunks = plan_chunks(batch, rows, whole_groups=False)
-        lse, logps = _forward_all(_Pass(hidden, weight, batch, opts, rows), chunks)
+        lse, logps = _forward_all(_Pass(hidden, weight, batch, opts, chunks), chunks)
         ctx.save_for_backward(hidden, weight, lse)
-        ctx.batch, ctx.opts, ctx.chunks, ctx.rows = batch, opts, chunks, rows
+        ctx.batch, ctx.opts, ctx.chunks = batch, opts, chunks
         return logps
 
     @staticmethod
@@ -287,7 +289,7 @@ class _CublasSequenceLogprobs(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_h or need_w):
             return None, None, None, None
-        p = _Pass(hidden, weight, ctx.batch, ctx.opts, ctx.rows)
+        p = _Pass(hidden, weight, ctx.batch, ctx.opts, ctx.chunks)
         dh, dw = _backward_all(p, ctx.chunks, lse, grad_logps, need_h, need_w)
         return dh, dw, None, None
 
@@ -312,9 +314,9 @@ def cublas_sdpo_loss(hidden, weight, batch: PackedBatch, ref_logps, beta, sft_we
     dev = hidden.device
     with torch.no_grad():
         order, chunks = plan_chunks(batch, rows, whole_groups=True)
-        p = _Pass(hidden, weight, batch, opts, rows)
         if chunks is None or not (need_h or need_w):  # a group longer than a chunk: recompute
             _, chunks = plan_chunks(batch, rows, whole_groups=False)
+            p = _Pass(hidden, weight, batch, opts, chunks)
             lse, logps = _forward_all(p, chunks)
             logps = logps.view(G, C)
             loss_g, grad = group_loss_and_grad(logps, ref_logps, batch.candidate_mask, batch.candidate_lens, beta,
@@ -323,6 +325,7 @@ def cublas_sdpo_loss(hidden, weight, batch: PackedBatch, ref_logps, beta, sft_we
                 return loss_g, logps, None, None
             dh, dw = _backward_all(p, chunks, lse, grad.flatten(), need_h, need_w)
             return loss_g, logps, dh, dw
+        p = _Pass(hidden, weight, batch, opts, chunks)
         order_t = torch.tensor(order, dtype=torch.long).to(dev, non_blocking=True)
         lse = torch.empty(batch.logit_rows.shape[0], dtype=torch.float32, device=dev)
         logps = torch.zeros(G * C, dtype=torch.float32, device=dev)

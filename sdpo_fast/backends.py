@@ -50,7 +50,7 @@ def _load_optional() -> None:
 
 # Preference of "auto" per device type; the first registered one wins. On CUDA "cublas" before
 # "triton": its GEMMs are cuBLAS's, which the fused Triton GEMMs trail by ~1.7x on an H200
-# (benchmarks/results/bench_logprob_gpu-NVIDIA_H200.md).
+# (benchmarks/results/bench_logprob_h200*.md).
 _AUTO_ORDER = {"cuda": ("cublas", "triton", "torch"), "cpu": ("native", "torch")}
 _NEEDS_TRITON = ("cublas", "triton")
 
