@@ -34,6 +34,7 @@ import triton.language as tl
 
 from sdpo_fast import backends
 from sdpo_fast.fused_loss import group_loss_and_grad
+from sdpo_fast.logprobs import kernel_inputs
 from sdpo_fast.packing import PackedBatch
 
 __all__ = ["triton_sequence_logprobs", "triton_sdpo_loss", "logprobs_forward", "logprobs_grad"]
@@ -215,15 +216,6 @@ def _precision(dtype: torch.dtype, opts: dict) -> str:
     return "tf32" if dtype != torch.float32 or opts.get("allow_tf32") else "ieee"
 
 
-def _check(hidden: torch.Tensor, weight: torch.Tensor):
-    if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"triton backend: hidden must be fp32/fp16/bf16, got {hidden.dtype}")
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"triton backend: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
-    return (hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
-            weight if weight.stride(-1) == 1 else weight.contiguous())
-
-
 def logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, batch: PackedBatch, opts: dict, store=None):
     """Log-probs of every candidate.
 
@@ -386,7 +378,7 @@ def triton_sequence_logprobs(hidden, weight, batch: PackedBatch, **options) -> t
     """``"logprobs"`` backend: ``[G, C]`` fp32 log-probs, differentiable w.r.t. hidden ``[T, D]`` and
     weight ``[V, D]``. Options: block_m, block_v, block_d, block_t, num_warps, num_stages, group_m,
     v_splits (forward vocabulary splits), slice_cols (columns per gradient slice), allow_tf32."""
-    hidden, weight = _check(hidden, weight)
+    hidden, weight = kernel_inputs(hidden, weight, "triton")
     opts = _options(hidden.device, options)
     return _TritonSequenceLogprobs.apply(hidden, weight, batch, opts).view(batch.candidate_mask.shape)
 
@@ -398,7 +390,7 @@ def triton_sdpo_loss(hidden, weight, batch: PackedBatch, ref_logps, beta, sft_we
     Options as ``triton_sequence_logprobs``, plus reuse_logits_bytes: when the fp32 logits ``[Nr, V]``
     take at most this many bytes (default 1 GiB on CUDA, 0 on CPU) the forward keeps them and the
     gradient pass reads them instead of recomputing (three GEMMs instead of four)."""
-    hidden, weight = _check(hidden, weight)
+    hidden, weight = kernel_inputs(hidden, weight, "triton")
     opts = _options(hidden.device, options)
     Nr, V = batch.logit_rows.shape[0], weight.shape[0]
     with torch.no_grad():

@@ -35,6 +35,7 @@ import triton.language as tl
 
 from sdpo_fast import backends
 from sdpo_fast.fused_loss import group_loss_and_grad
+from sdpo_fast.logprobs import kernel_inputs
 from sdpo_fast.packing import PackedBatch
 
 __all__ = ["cublas_sequence_logprobs", "cublas_sdpo_loss", "plan_chunks"]
@@ -183,15 +184,6 @@ def _max_rows(weight: torch.Tensor, opts: dict) -> int:
     return max(1, opts["chunk_bytes"] // (weight.shape[0] * weight.element_size()))
 
 
-def _check(hidden: torch.Tensor, weight: torch.Tensor):
-    if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"cublas backend: hidden must be fp32/fp16/bf16, got {hidden.dtype}")
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"cublas backend: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
-    return (hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
-            weight if weight.stride(-1) == 1 else weight.contiguous())
-
-
 class _Pass:
     """Buffers shared by the chunks of one call: the logits chunk and the gradient outputs."""
 
@@ -298,7 +290,7 @@ def cublas_sequence_logprobs(hidden, weight, batch: PackedBatch, **options) -> t
     """``"logprobs"`` backend: ``[G, C]`` fp32 log-probs, differentiable w.r.t. hidden ``[T, D]`` and
     weight ``[V, D]``. Options: chunk_bytes (logits per chunk), chunk_rows (overrides it), block
     (columns per step of the row kernels), num_warps. The backward recomputes each chunk's logits."""
-    hidden, weight = _check(hidden, weight)
+    hidden, weight = kernel_inputs(hidden, weight, "cublas")
     opts = _options(hidden.device, options)
     return _CublasSequenceLogprobs.apply(hidden, weight, batch, opts).view(batch.candidate_mask.shape)
 
@@ -307,7 +299,7 @@ def cublas_sdpo_loss(hidden, weight, batch: PackedBatch, ref_logps, beta, sft_we
     """``"sdpo_loss"`` backend: ``(loss_g [G] fp32, logps [G, C] fp32, dhidden [T, D] | None,
     dweight [V, D] | None)``, the gradients being those of ``sum_g loss_g``. Options as
     ``cublas_sequence_logprobs``; chunks hold whole groups when each group fits one (three GEMMs)."""
-    hidden, weight = _check(hidden, weight)
+    hidden, weight = kernel_inputs(hidden, weight, "cublas")
     opts = _options(hidden.device, options)
     rows = _max_rows(weight, opts)
     G, C = batch.candidate_mask.shape

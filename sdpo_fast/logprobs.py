@@ -35,6 +35,17 @@ def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, batch: PackedBatch
     return hidden
 
 
+def kernel_inputs(hidden: torch.Tensor, weight: torch.Tensor, backend: str):
+    """``(hidden, weight)`` as the kernel backends take them: fp32/fp16/bf16, one dtype, last dim
+    contiguous (copied only when it is not)."""
+    if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{backend} backend: hidden must be fp32/fp16/bf16, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"{backend} backend: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    return (hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
+            weight if weight.stride(-1) == 1 else weight.contiguous())
+
+
 def sequence_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -18,7 +18,9 @@ from sdpo_fast.loss import fused_sdpo_loss
 
 pytest.importorskip("triton")
 cb = pytest.importorskip("sdpo_fast.kernels.logprobs_cublas")
-from test_triton_logprobs import CASES, FLOOR, V, assert_close_rule, reference_logps, reference_loss, rel, setup  # noqa: E402
+from test_triton_logprobs import (  # noqa: E402
+    CASES, FLOOR, V, assert_close_rule, check_fused_loss, check_sequence_logprobs, reference_logps, rel, setup,
+)
 
 
 def test_registered_and_preferred_on_cuda():
@@ -58,31 +60,7 @@ def test_plan_covers_rows_and_targets_once(max_rows, whole_groups):
 @pytest.mark.parametrize("chunk_rows", [None, 3], ids=["one-chunk", "chunks-of-3"])
 @pytest.mark.parametrize("device,dtype", CASES)
 def test_sequence_logprobs_and_grads(device, dtype, chunk_rows):
-    groups, batch, hidden, weight = setup(device, dtype, pad_to_multiple_of=8, max_tokens_per_row=48)
-    upstream = torch.randn(batch.candidate_mask.shape, device=device)
-    results = {}
-    for backend, kw in (("cublas", dict(chunk_rows=chunk_rows)), ("torch", {})):
-        h = hidden.clone().requires_grad_(True)
-        w = weight.clone().requires_grad_(True)
-        out = sdpo_fast.sequence_logprobs(h, w, batch, backend=backend, **kw)
-        (out * upstream).sum().backward()
-        results[backend] = (out, h.grad, w.grad)
-    out, dh, dw = results["cublas"]
-    assert out.dtype == torch.float32 and out.shape == batch.candidate_mask.shape
-    assert dh.dtype == dtype and dw.dtype == dtype
-
-    h64 = hidden.double().requires_grad_(True)
-    w64 = weight.double().requires_grad_(True)
-    ref = reference_logps(h64, w64, groups, batch)
-    (ref * upstream.double()).sum().backward()
-    assert (out[~batch.candidate_mask] == 0).all()
-    for name, got, r, t in zip(("logps", "dhidden", "dweight"), results["cublas"], (ref.detach(), h64.grad, w64.grad),
-                               results["torch"]):
-        assert torch.isfinite(got).all(), name
-        assert_close_rule(name, got, r, t, dtype)
-    others = torch.ones(dh.shape[0], dtype=torch.bool, device=device)
-    others[batch.logit_rows] = False
-    assert (dh[others] == 0).all()
+    check_sequence_logprobs(device, dtype, "cublas", dict(chunk_rows=chunk_rows))
 
 
 # chunk_rows: 1000 = one chunk; 6 = whole groups, several chunks (groups of 5, 3, 2, 2, 4 rows);
@@ -91,30 +69,9 @@ def test_sequence_logprobs_and_grads(device, dtype, chunk_rows):
 @pytest.mark.parametrize("sft_weight", [0.0, 0.5])
 @pytest.mark.parametrize("device,dtype", CASES)
 def test_fused_sdpo_loss(device, dtype, sft_weight, chunk_rows):
-    groups, batch, hidden, weight = setup(device, dtype, seed=3, n_groups=5)
+    groups = check_fused_loss(device, dtype, "cublas", dict(chunk_rows=chunk_rows), sft_weight)
     rows = [1 + sum(len(c) - 1 for c in cs) for _, cs in groups]
     assert rows == [5, 3, 2, 2, 4]  # what the chunk sizes above were chosen for
-    beta = 0.7
-    G, C = batch.candidate_mask.shape
-    ref_logps = (reference_logps(hidden, weight, groups, batch) + torch.randn(G, C, device=device)).float()
-    ref_logps = ref_logps * batch.candidate_mask
-    results = {}
-    for backend, kw in (("cublas", dict(chunk_rows=chunk_rows)), ("torch", {})):
-        h = hidden.clone().requires_grad_(True)
-        w = weight.clone().requires_grad_(True)
-        loss, metrics = fused_sdpo_loss(h, w, batch, ref_logps, beta=beta, sft_weight=sft_weight, backend=backend, **kw)
-        (loss * 3.0).backward()
-        results[backend] = (loss, metrics["logps"], h.grad, w.grad)
-
-    h64 = hidden.double().requires_grad_(True)
-    w64 = weight.double().requires_grad_(True)
-    logps64 = reference_logps(h64, w64, groups, batch)
-    loss64 = reference_loss(logps64, ref_logps.double(), groups, batch, beta, sft_weight)
-    (loss64 * 3.0).backward()
-    refs = (loss64.detach(), logps64.detach(), h64.grad, w64.grad)
-    for name, got, r, t in zip(("loss", "logps", "dhidden", "dweight"), results["cublas"], refs, results["torch"]):
-        assert torch.isfinite(got).all(), name
-        assert_close_rule(name, got, r, t, dtype)
 
 
 @pytest.mark.parametrize("device,dtype", CASES)

@@ -113,20 +113,20 @@ def test_registered():
     assert "triton" in backends.available("sdpo_loss")
 
 
-@pytest.mark.parametrize("opts", [SMALL, SPLIT], ids=["one-slice", "split"])
-@pytest.mark.parametrize("device,dtype", CASES)
-def test_sequence_logprobs_and_grads(device, dtype, opts):
+def check_sequence_logprobs(device, dtype, backend, kw):
+    """``backend`` (options ``kw``) vs fp64 on random groups packed into rows of 48: log-probs, dhidden
+    and dweight within the rule; exact zeros off the logit rows. Returns the backend's log-probs and
+    the fp64 reference."""
     groups, batch, hidden, weight = setup(device, dtype, pad_to_multiple_of=8, max_tokens_per_row=48)
-    opts = options_for(device, opts)
     upstream = torch.randn(batch.candidate_mask.shape, device=device)
     results = {}
-    for backend, kw in (("triton", opts), ("torch", {})):
+    for name, opts in ((backend, kw), ("torch", {})):
         h = hidden.clone().requires_grad_(True)
         w = weight.clone().requires_grad_(True)
-        out = sdpo_fast.sequence_logprobs(h, w, batch, backend=backend, **kw)
+        out = sdpo_fast.sequence_logprobs(h, w, batch, backend=name, **opts)
         (out * upstream).sum().backward()
-        results[backend] = (out, h.grad, w.grad)
-    out, dh, dw = results["triton"]
+        results[name] = (out, h.grad, w.grad)
+    out, dh, dw = results[backend]
     assert out.dtype == torch.float32 and out.shape == batch.candidate_mask.shape
     assert dh.dtype == dtype and dw.dtype == dtype
 
@@ -135,15 +135,51 @@ def test_sequence_logprobs_and_grads(device, dtype, opts):
     ref = reference_logps(h64, w64, groups, batch)
     (ref * upstream.double()).sum().backward()
     assert (out[~batch.candidate_mask] == 0).all()
-    # Logits stay fp32 inside the kernels whatever the input dtype: log-probs are fp32-accurate.
-    assert rel(out, ref) < 1e-5
-    for name, got, r, t in zip(("logps", "dhidden", "dweight"), results["triton"], (ref.detach(), h64.grad, w64.grad),
+    for name, got, r, t in zip(("logps", "dhidden", "dweight"), results[backend], (ref.detach(), h64.grad, w64.grad),
                                results["torch"]):
         assert torch.isfinite(got).all(), name
         assert_close_rule(name, got, r, t, dtype)
     others = torch.ones(dh.shape[0], dtype=torch.bool, device=device)
     others[batch.logit_rows] = False
     assert (dh[others] == 0).all()  # prompt bodies and padding get exactly zero gradient
+    return out, ref.detach()
+
+
+@pytest.mark.parametrize("opts", [SMALL, SPLIT], ids=["one-slice", "split"])
+@pytest.mark.parametrize("device,dtype", CASES)
+def test_sequence_logprobs_and_grads(device, dtype, opts):
+    out, ref = check_sequence_logprobs(device, dtype, "triton", options_for(device, opts))
+    # Logits stay fp32 inside the kernels whatever the input dtype: log-probs are fp32-accurate.
+    assert rel(out, ref) < 1e-5
+
+
+def check_fused_loss(device, dtype, backend, kw, sft_weight, seed=3, n_groups=5):
+    """``fused_sdpo_loss`` through ``backend`` (options ``kw``) vs fp64 autograd: loss, log-probs and
+    both gradients within the rule (backward scaled by 3: it only scales the forward's gradients).
+    Returns the groups used."""
+    groups, batch, hidden, weight = setup(device, dtype, seed=seed, n_groups=n_groups)
+    beta = 0.7
+    G, C = batch.candidate_mask.shape
+    ref_logps = (reference_logps(hidden, weight, groups, batch) + torch.randn(G, C, device=device)).float()
+    ref_logps = ref_logps * batch.candidate_mask
+    results = {}
+    for name, opts in ((backend, kw), ("torch", {})):
+        h = hidden.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(True)
+        loss, metrics = fused_sdpo_loss(h, w, batch, ref_logps, beta=beta, sft_weight=sft_weight, backend=name, **opts)
+        (loss * 3.0).backward()
+        results[name] = (loss, metrics["logps"], h.grad, w.grad)
+
+    h64 = hidden.double().requires_grad_(True)
+    w64 = weight.double().requires_grad_(True)
+    logps64 = reference_logps(h64, w64, groups, batch)
+    loss64 = reference_loss(logps64, ref_logps.double(), groups, batch, beta, sft_weight)
+    (loss64 * 3.0).backward()
+    refs = (loss64.detach(), logps64.detach(), h64.grad, w64.grad)
+    for name, got, r, t in zip(("loss", "logps", "dhidden", "dweight"), results[backend], refs, results["torch"]):
+        assert torch.isfinite(got).all(), name
+        assert_close_rule(name, got, r, t, dtype)
+    return groups
 
 
 @pytest.mark.parametrize("reuse", [False, True], ids=["recompute", "reuse-logits"])
@@ -152,29 +188,8 @@ def test_sequence_logprobs_and_grads(device, dtype, opts):
 def test_fused_sdpo_loss(device, dtype, sft_weight, reuse):
     """Loss, log-probs and both gradients; the gradient pass either recomputes the logit tiles or
     reads the forward's stored fp32 logits."""
-    groups, batch, hidden, weight = setup(device, dtype, seed=3, n_groups=5)
-    beta = 0.7
-    G, C = batch.candidate_mask.shape
-    ref_logps = (reference_logps(hidden, weight, groups, batch) + torch.randn(G, C, device=device)).float()
-    ref_logps = ref_logps * batch.candidate_mask
-    results = {}
     opts = dict(options_for(device, SPLIT), reuse_logits_bytes=(1 << 30) if reuse else 0)
-    for backend, kw in (("triton", opts), ("torch", {})):
-        h = hidden.clone().requires_grad_(True)
-        w = weight.clone().requires_grad_(True)
-        loss, metrics = fused_sdpo_loss(h, w, batch, ref_logps, beta=beta, sft_weight=sft_weight, backend=backend, **kw)
-        (loss * 3.0).backward()  # backward only scales the gradients computed in the forward
-        results[backend] = (loss, metrics["logps"], h.grad, w.grad)
-
-    h64 = hidden.double().requires_grad_(True)
-    w64 = weight.double().requires_grad_(True)
-    logps64 = reference_logps(h64, w64, groups, batch)
-    loss64 = reference_loss(logps64, ref_logps.double(), groups, batch, beta, sft_weight)
-    (loss64 * 3.0).backward()
-    refs = (loss64.detach(), logps64.detach(), h64.grad, w64.grad)
-    for name, got, r, t in zip(("loss", "logps", "dhidden", "dweight"), results["triton"], refs, results["torch"]):
-        assert torch.isfinite(got).all(), name
-        assert_close_rule(name, got, r, t, dtype)
+    check_fused_loss(device, dtype, "triton", opts, sft_weight)
 
 
 @pytest.mark.parametrize("device,dtype", CASES)
