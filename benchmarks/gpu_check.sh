@@ -71,9 +71,11 @@ fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$SITE"
 
 # 2. The package itself (kernels/ is mapped to sdpo_fast.kernels by setup.py: needs an install).
+# The native extension is the CPU path: without this its first import compiles it (about a minute of
+# device time, seen on the H200 run of 2026-11-27).
+export SDPO_FAST_NO_EXT=1
 if ! "$PY" -c "import sdpo_fast.kernels.logprobs" 2>/dev/null; then
-    # SDPO_FAST_NO_EXT: the native extension is the CPU path; no need to compile it here
-    SDPO_FAST_NO_EXT=1 step install_sdpo_fast 120 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
+    step install_sdpo_fast 120 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
 fi
 "$PY" - > "$OUT/env.json" <<'EOF'
 import json, torch, triton, sdpo_fast
