@@ -74,7 +74,7 @@ class TrainArguments:
         default="precompute",
         metadata={"help": "precompute (one pass before S-DPO, cached) | live (LoRA: adapters disabled)"},
     )
-    backend: str = field(default="auto", metadata={"help": "auto | triton | native | torch"})
+    backend: str = field(default="auto", metadata={"help": "auto | cublas | triton | native | torch"})
     deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config (see configs/)"})
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
     bf16: bool | None = field(default=None, metadata={"help": "default: on for CUDA, off on CPU"})

@@ -102,7 +102,7 @@ def fused_sdpo_loss(
             from ``ref_hidden`` (and ``ref_weight``, default ``weight``) with the same backend.
         beta: S-DPO temperature. sft_weight: weight of the chosen candidate's mean token NLL.
         reduction: ``"mean"`` or ``"sum"`` over groups (per-group losses cannot share one fused dW).
-        backend: ``"auto"``, ``"triton"``, ``"native"`` or ``"torch"``.
+        backend: ``"auto"``, ``"cublas"``, ``"triton"``, ``"native"`` or ``"torch"``.
 
     Returns:
         ``(loss, metrics)``: fp32 scalar, and ``sdpo_metrics`` plus ``logps`` ``[G, C]`` (detached).

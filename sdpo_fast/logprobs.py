@@ -60,7 +60,7 @@ def sequence_logprobs(
             model's final norm), fp32/fp16/bf16.
         weight: ``[V, D]`` ``lm_head`` weight (no bias).
         batch: the ``PackedBatch`` the hidden states came from.
-        backend: ``"auto"``, ``"triton"``, ``"native"`` or ``"torch"``.
+        backend: ``"auto"``, ``"cublas"``, ``"triton"``, ``"native"`` or ``"torch"``.
         options: backend-specific tuning (the torch backend takes ``chunk_rows``).
 
     Returns:

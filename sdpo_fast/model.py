@@ -108,8 +108,9 @@ def candidate_logprobs(model, batch: PackedBatch, backend: str = "auto") -> torc
             inside a DeepSpeed engine (ZeRO-3 included). Its attention implementation is switched
             to ``"sdpo_fast"`` on first use (ordinary calls keep SDPA behaviour).
         batch: from ``pack_groups``, on the model's device.
-        backend: ``"auto"``, ``"triton"``, ``"native"`` or ``"torch"`` for the log-prob op; attention
-            uses the same backend where one is registered, else the torch reference.
+        backend: ``"auto"``, ``"cublas"``, ``"triton"``, ``"native"`` or ``"torch"`` for the log-prob
+            op; attention uses the same backend where one is registered (``"triton"`` for
+            ``"cublas"``), else the torch reference.
 
     Returns:
         ``[G, C]`` float32, 0 where ``batch.candidate_mask`` is False; differentiable when grad is on.
@@ -158,4 +159,6 @@ def candidate_sdpo_loss(
 def _attention_backend_for(backend: str) -> str:
     if backend in ("auto", "torch"):
         return backend
+    if backend == "cublas":  # a log-prob backend only; its attention counterpart is the Triton kernel
+        backend = "triton"
     return backend if backend in backends.available("attention") else "torch"

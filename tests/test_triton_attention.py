@@ -234,7 +234,9 @@ def triton_logprobs(model, batch):
     return sequence_logprobs(hidden, model.lm_head.weight, batch, backend="torch")
 
 
-def test_candidate_logprobs_tiny_gqa_llama_matches_naive_forward_and_gradients(monkeypatch):
+# "cublas" is a log-prob backend: candidate_logprobs runs its attention through the Triton kernel.
+@pytest.mark.parametrize("backend", ["triton", "cublas"])
+def test_candidate_logprobs_tiny_gqa_llama_matches_naive_forward_and_gradients(monkeypatch, backend):
     torch.manual_seed(0)
     calls = []
     kernel = backends.get("attention", "triton", DEVICE)
@@ -250,7 +252,10 @@ def test_candidate_logprobs_tiny_gqa_llama_matches_naive_forward_and_gradients(m
     batch = sdpo_fast.pack_groups(groups, vocab_size=V, max_tokens_per_row=48, pad_to_multiple_of=8).to(DEVICE)
     weights = torch.randn(batch.candidate_mask.shape, device=DEVICE) * batch.candidate_mask
 
-    got = triton_logprobs(model, batch)
+    if backend == "triton":
+        got = triton_logprobs(model, batch)
+    else:
+        got = sdpo_fast.candidate_logprobs(model, batch, backend="cublas")
     want = naive_logprobs(naive, groups, batch.num_candidates)
     mask = batch.candidate_mask
     assert len(calls) == model.config.num_hidden_layers  # the packed forward went through the kernel
