@@ -15,9 +15,13 @@ import sys
 
 from setuptools import setup
 
+# csrc/ also ships as sdpo_fast/_csrc (sources only), so that an install without the prebuilt
+# extension (a wheel built without torch in sight, a non-editable install) can still compile it on
+# first use.
 PACKAGES = dict(
-    packages=["sdpo_fast", "sdpo_fast.kernels"],
-    package_dir={"sdpo_fast": "sdpo_fast", "sdpo_fast.kernels": "kernels"},
+    packages=["sdpo_fast", "sdpo_fast.kernels", "sdpo_fast._csrc"],
+    package_dir={"sdpo_fast": "sdpo_fast", "sdpo_fast.kernels": "kernels", "sdpo_fast._csrc": "csrc"},
+    package_data={"sdpo_fast._csrc": ["*.cpp", "*.h"]},
 )
 
 

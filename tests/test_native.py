@@ -338,3 +338,47 @@ def test_skipped_extension_falls_back_with_one_warning():
     env = dict(os.environ, SDPO_FAST_NO_EXT="1")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr
+
+
+def test_wheel_ships_the_sources_for_a_first_use_build(tmp_path):
+    """A wheel built without the extension (what an install that cannot see torch produces) carries
+    csrc/ as sdpo_fast/_csrc, and, installed away from any checkout, native.py compiles from there."""
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, SDPO_FAST_NO_EXT="1")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "wheel"), str(root)], env=env, check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "wheel").glob("sdpo_fast-*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        z.extractall(site)
+    assert {"sdpo_fast/_csrc/sdpo_native.cpp", "sdpo_fast/_csrc/rowops.cpp", "sdpo_fast/_csrc/rowops.h"} <= names
+    assert not any(n.endswith(".so") for n in names)
+    # The compiler is stubbed: only which sources it would be given matters here (a real build takes a minute).
+    code = (
+        "import sys\n"
+        # this environment's editable install would hand out the checkout's prebuilt extension
+        "sys.meta_path = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]\n"
+        "import torch.utils.cpp_extension as ce\n"
+        "seen = []\n"
+        "def load(name, sources, **kw):\n"
+        "    seen.extend(sources)\n"
+        "    raise RuntimeError('stub compiler')\n"
+        "ce.load = load\n"
+        "try:\n"
+        "    import sdpo_fast.native\n"
+        "except ImportError as exc:\n"
+        "    assert 'stub compiler' in str(exc), exc\n"
+        "print('\\n'.join(seen))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SDPO_FAST_NO_EXT"}
+    env["PYTHONPATH"] = str(site)
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    sources = [Path(s) for s in res.stdout.split()]
+    assert [s.name for s in sources] == ["sdpo_native.cpp", "rowops.cpp"]
+    assert all(s.parent == site / "sdpo_fast" / "_csrc" and s.is_file() for s in sources), sources
