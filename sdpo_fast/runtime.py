@@ -50,6 +50,15 @@ def all_gather_rows(t: torch.Tensor, n_total: int) -> torch.Tensor:
     return torch.cat(parts)[:n_total]
 
 
+def all_gather_objects(items: list) -> list:
+    """Concatenate every rank's list, rank-major (picklable items)."""
+    if not is_distributed():
+        return list(items)
+    parts = [None] * world_size()
+    torch.distributed.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
 def barrier():
     if is_distributed():
         torch.distributed.barrier()

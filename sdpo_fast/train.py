@@ -30,7 +30,9 @@ from tqdm.auto import tqdm
 
 from .config import parse_args
 from .model import candidate_logprobs, candidate_sdpo_loss
-from .runtime import Runtime, Schedule, all_gather_rows, all_mean, barrier, rank, seed_everything, world_size
+from .runtime import (
+    Runtime, Schedule, all_gather_objects, all_gather_rows, all_mean, barrier, rank, seed_everything, world_size,
+)
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -160,11 +162,9 @@ def reference_logps(runtime, tokenizer, features, train_args, cache_path):
         if cached["n"] == len(features):
             return cached["logps"]
     n = len(features)
-    per = math.ceil(n / world_size())
-    mine = [min(i, n - 1) for i in range(rank() * per, (rank() + 1) * per)]  # equal shards for ZeRO-3
     scores = score_candidates(
         runtime.model,
-        [features[i] for i in mine],
+        [features[i] for i in _my_shard(n)],
         batch_size=train_args.batch_size,
         backend=train_args.backend,
         pad_token_id=tokenizer.pad_token_id or 0,
@@ -265,21 +265,38 @@ def run_stage(stage, runtime, tokenizer, train_ds, data_args, train_args, log, s
 # ---------------------------------------------------------------------------------------------- eval
 
 
-def evaluate(runtime, tokenizer, features, train_args, name):
-    from .eval import evaluate_generation, evaluate_ranking
+def _my_shard(n: int) -> list[int]:
+    """This rank's indices of ``n`` examples: equal, contiguous shards (the last padded with repeats of
+    the last example), since under ZeRO-3 every rank must run the same forwards."""
+    per = math.ceil(n / world_size())
+    return [min(i, n - 1) for i in range(rank() * per, (rank() + 1) * per)]
 
+
+def evaluate(runtime, tokenizer, features, train_args, name):
+    """Ranking and/or generation metrics on ``features``, each rank scoring its shard (``_my_shard``);
+    every rank returns the metrics of all of them."""
+    from .eval import generation_metrics, greedy_generate, ranking_metrics, score_candidates
+
+    n = len(features)
+    mine = [features[i] for i in _my_shard(n)]
     result = {}
     if train_args.eval in ("ranking", "both"):
-        result.update(
-            evaluate_ranking(runtime.model, tokenizer, features, batch_size=train_args.batch_size,
-                             backend=train_args.backend, progress=rank() == 0)
-        )
+        scores = score_candidates(runtime.model, mine, batch_size=train_args.batch_size, backend=train_args.backend,
+                                  pad_token_id=tokenizer.pad_token_id or 0, progress=rank() == 0)
+        width = max(len(f["candidate_ids"]) for f in features)  # same shape on every rank for the gather
+        scores = torch.nn.functional.pad(scores, (0, width - scores.shape[1]), value=float("-inf"))
+        scores = all_gather_rows(scores.to(runtime.device), n).cpu()
+        result.update(ranking_metrics(scores, [int(f["target_index"]) for f in features]))
     if train_args.eval in ("generation", "both"):
-        gen = evaluate_generation(
-            runtime.module, tokenizer, features, batch_size=train_args.batch_size, progress=rank() == 0,
-            generate_kwargs={"synced_gpus": True} if runtime.stage3 else None,
+        answers = greedy_generate(
+            runtime.module, tokenizer, [f["prompt_ids"] for f in mine],
+            max_new_tokens=max(len(c) for f in features for c in f["candidate_ids"]) + 4,
+            batch_size=train_args.batch_size, progress=rank() == 0,
+            **({"synced_gpus": True} if runtime.stage3 else {}),
         )
-        result.update({k: v for k, v in gen.items() if k != "num_examples"})
+        answers = all_gather_objects(answers)[:n]
+        gen = generation_metrics(answers, [f["candidates"] for f in features], [int(f["target_index"]) for f in features])
+        result.update({k: v for k, v in gen.items() if k != "num_examples"}, match="exact")
     if rank() == 0 and result:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
         print(f"[eval] {name}: {shown}", flush=True)
