@@ -193,7 +193,6 @@ class _Pass:
         rows = max((c.r1 - c.r0 for c in chunks), default=1)  # a small batch needs no full-budget buffer
         self.buf = torch.empty(rows, self.V, dtype=hidden.dtype, device=hidden.device)
         self.dhidden = self.dweight = None
-        self.dw_started = False
 
     def logits(self, c: Chunk):
         """``(h [c, D], x [c, V])`` of the chunk's rows; x lives in the shared buffer."""
@@ -227,9 +226,8 @@ class _Pass:
                 self.dhidden = torch.zeros_like(self.hidden)
             self.dhidden.index_copy_(0, b.logit_rows[c.r0 : c.r1], torch.mm(x, self.weight))
         if need_w:
-            if not self.dw_started:
+            if self.dweight is None:
                 self.dweight = torch.mm(x.t(), h)
-                self.dw_started = True
             else:
                 self.dweight.addmm_(x.t(), h)
 
