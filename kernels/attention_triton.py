@@ -29,6 +29,14 @@ import triton.language as tl
 
 
 @triton.jit
+def _query_tile(tile):
+    """One row of a query tile table (``query_tiles``): ``(row int64, q_start, q_end, a_start, a_end,
+    b_start)``."""
+    return (tl.load(tile).to(tl.int64), tl.load(tile + 1), tl.load(tile + 2), tl.load(tile + 3), tl.load(tile + 4),
+            tl.load(tile + 5))
+
+
+@triton.jit
 def _row_ptrs(base, start, stride, BLOCK: tl.constexpr, offs_d):
     # int64 only in the scalar block offset: per-element int32 offsets keep the pointer math (and the
     # register count) small; a block spans BLOCK rows, far below 2**31 elements.
@@ -103,16 +111,10 @@ def shared_prefix_fwd_kernel(
 ):
     """Grid ``(num_query_tiles, H)``. TILES ``[n, 8]`` int32: row, q_start, q_end, a_start, a_end, b_start."""
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    tile = TILES + tl.program_id(0) * 8
-    h = tl.program_id(1)
-    row = tl.load(tile).to(tl.int64)
-    q_start = tl.load(tile + 1)
-    q_end = tl.load(tile + 2)
+    row, q_start, q_end, a_start, a_end, b_start = _query_tile(TILES + tl.program_id(0) * 8)
     if q_start >= q_end:
         return
-    a_start = tl.load(tile + 3)
-    a_end = tl.load(tile + 4)
-    b_start = tl.load(tile + 5)
+    h = tl.program_id(1)
     kvh = h // H_PER_KV
 
     offs_m = q_start + tl.arange(0, BLOCK_M)
@@ -186,16 +188,10 @@ def shared_prefix_bwd_dq_kernel(
     """Grid ``(num_query_tiles, H)``, same tiles as the forward. Also writes ``DELTA = rowsum(O * dO)``
     (fp32, layout of LSE2), which the dK/dV kernel launched after it reads."""
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    tile = TILES + tl.program_id(0) * 8
-    h = tl.program_id(1)
-    row = tl.load(tile).to(tl.int64)
-    q_start = tl.load(tile + 1)
-    q_end = tl.load(tile + 2)
+    row, q_start, q_end, a_start, a_end, b_start = _query_tile(TILES + tl.program_id(0) * 8)
     if q_start >= q_end:
         return
-    a_start = tl.load(tile + 3)
-    a_end = tl.load(tile + 4)
-    b_start = tl.load(tile + 5)
+    h = tl.program_id(1)
     kvh = h // H_PER_KV
 
     offs_m = q_start + tl.arange(0, BLOCK_M)
