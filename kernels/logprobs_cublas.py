@@ -105,7 +105,7 @@ def _row_grad_kernel(x_ptr, lse_ptr, g_row_ptr, row_ptr_ptr, t_ids_ptr, g_t_ptr,
 @dataclass(frozen=True)
 class Chunk:
     """Logit rows ``[r0, r1)`` and their targets ``[t0, t1)``; ``groups`` ``(g0, g1)`` when the chunk
-    holds whole groups (positions in logit-row order, see ``plan_chunks``), else None."""
+    holds whole groups ``g0 .. g1 - 1``, else None."""
 
     r0: int
     r1: int
@@ -115,36 +115,31 @@ class Chunk:
 
 
 def _group_extents(batch: PackedBatch):
-    """Groups in logit-row order with ``(gi, rows, targets, K + 1)``: the prompt's last row owns K+1
-    targets, then every candidate token after the first is one row with one target."""
-    order = sorted(range(batch.num_groups), key=lambda gi: batch.group_spans[gi][:2])
-    ext = []
-    for gi in order:
-        lens = batch.group_layout[gi][1]
-        ext.append((gi, 1 + sum(n - 1 for n in lens), sum(lens), len(lens)))
-    return ext
+    """Per group, in group order (``pack_groups`` stores the logit rows group by group, in that order):
+    ``(rows, targets, K + 1)``. The prompt's last row owns K+1 targets, then every candidate token
+    after the first is one row with one target."""
+    return [(1 + sum(n - 1 for n in lens), sum(lens), len(lens)) for _, lens in batch.group_layout]
 
 
 def plan_chunks(batch: PackedBatch, max_rows: int, whole_groups: bool):
-    """Chunks of at most ``max_rows`` logit rows. With ``whole_groups`` every chunk holds whole groups,
-    or the plan is None when some group has more rows than ``max_rows``. Returns ``(order, chunks)``:
-    ``order`` the group ids in logit-row order, ``chunks`` a list of ``Chunk``."""
+    """Chunks (``Chunk``) of at most ``max_rows`` logit rows. With ``whole_groups`` every chunk holds
+    whole groups, or the plan is None when some group has more rows than ``max_rows``."""
     ext = _group_extents(batch)
-    if whole_groups and any(rows > max_rows for _, rows, _, _ in ext):
-        return [gi for gi, *_ in ext], None
+    if whole_groups and any(rows > max_rows for rows, _, _ in ext):
+        return None
     chunks, r, t = [], 0, 0
     cur = None  # [r0, t0, g0] of the open whole-group chunk
-    for pos, (gi, rows, targets, n_cands) in enumerate(ext):
+    for g, (rows, targets, n_cands) in enumerate(ext):
         if rows <= max_rows:
             if cur is not None and r + rows - cur[0] > max_rows:
-                chunks.append(Chunk(cur[0], r, cur[1], t, (cur[2], pos)))
+                chunks.append(Chunk(cur[0], r, cur[1], t, (cur[2], g)))
                 cur = None
             if cur is None:
-                cur = [r, t, pos]
+                cur = [r, t, g]
             r, t = r + rows, t + targets
             continue
         if cur is not None:
-            chunks.append(Chunk(cur[0], r, cur[1], t, (cur[2], pos)))
+            chunks.append(Chunk(cur[0], r, cur[1], t, (cur[2], g)))
             cur = None
         # A group longer than a chunk: split its rows; row i > 0 owns target n_cands + i - 1.
         for a in range(0, rows, max_rows):
@@ -154,7 +149,7 @@ def plan_chunks(batch: PackedBatch, max_rows: int, whole_groups: bool):
         r, t = r + rows, t + targets
     if cur is not None:
         chunks.append(Chunk(cur[0], r, cur[1], t, (cur[2], len(ext))))
-    return [gi for gi, *_ in ext], chunks
+    return chunks
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,7 +262,7 @@ class _CublasSequenceLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, batch, opts):
         rows = _max_rows(weight, opts)
-        _, chunks = plan_chunks(batch, rows, whole_groups=False)
+        chunks = plan_chunks(batch, rows, whole_groups=False)
         lse, logps = _forward_all(_Pass(hidden, weight, batch, opts, chunks), chunks)
         ctx.save_for_backward(hidden, weight, lse)
         ctx.batch, ctx.opts, ctx.chunks = batch, opts, chunks
@@ -303,9 +298,9 @@ def cublas_sdpo_loss(hidden, weight, batch: PackedBatch, ref_logps, beta, sft_we
     G, C = batch.candidate_mask.shape
     dev = hidden.device
     with torch.no_grad():
-        order, chunks = plan_chunks(batch, rows, whole_groups=True)
+        chunks = plan_chunks(batch, rows, whole_groups=True)
         if chunks is None or not (need_h or need_w):  # a group longer than a chunk: recompute
-            _, chunks = plan_chunks(batch, rows, whole_groups=False)
+            chunks = plan_chunks(batch, rows, whole_groups=False)
             p = _Pass(hidden, weight, batch, opts, chunks)
             lse, logps = _forward_all(p, chunks)
             logps = logps.view(G, C)
@@ -316,7 +311,6 @@ def cublas_sdpo_loss(hidden, weight, batch: PackedBatch, ref_logps, beta, sft_we
             dh, dw = _backward_all(p, chunks, lse, grad.flatten(), need_h, need_w)
             return loss_g, logps, dh, dw
         p = _Pass(hidden, weight, batch, opts, chunks)
-        order_t = torch.tensor(order, dtype=torch.long).to(dev, non_blocking=True)
         lse = torch.empty(batch.logit_rows.shape[0], dtype=torch.float32, device=dev)
         logps = torch.zeros(G * C, dtype=torch.float32, device=dev)
         loss_g = torch.zeros(G, dtype=torch.float32, device=dev)
@@ -326,12 +320,9 @@ def cublas_sdpo_loss(hidden, weight, batch: PackedBatch, ref_logps, beta, sft_we
         for c in chunks:
             h, x = p.logits(c)
             p.forward(c, x, lse, logps)
-            sel = order_t[c.groups[0] : c.groups[1]]
-            lg, gr = group_loss_and_grad(lp2.index_select(0, sel), ref_logps.index_select(0, sel),
-                                         batch.candidate_mask.index_select(0, sel),
-                                         batch.candidate_lens.index_select(0, sel), beta, sft_weight)
-            loss_g.index_copy_(0, sel, lg)
-            grad.index_copy_(0, sel, gr)
+            g = slice(*c.groups)
+            loss_g[g], grad[g] = group_loss_and_grad(lp2[g], ref_logps[g], batch.candidate_mask[g],
+                                                     batch.candidate_lens[g], beta, sft_weight)
             if c.t1 > c.t0:
                 g_t[c.t0 : c.t1] = grad.view(-1).index_select(0, batch.target_candidates[c.t0 : c.t1])
             p.backward(c, h, x, lse, g_t, need_h, need_w)

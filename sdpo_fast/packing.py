@@ -18,7 +18,9 @@ Log-prob layout. Only candidate tokens are targets. Token i of candidate j is pr
 state of the previous token of that candidate, except token 0 of every candidate, which is predicted by
 the prompt's last token: that row is shared by the group's K+1 candidates and appears once in
 ``logit_rows``. The targets are stored sorted by row (CSR ``row_ptr``), so a kernel can compute one
-logsumexp per row and read all of that row's target logits.
+logsumexp per row and read all of that row's target logits. The logit rows come group by group in
+group order (each group: its prompt's last row, then its candidates' rows in candidate order), so a
+range of groups is a range of logit rows.
 """
 
 from __future__ import annotations
