@@ -34,10 +34,10 @@ __all__ = ["DEFAULT_LOGPROBS_TILE_ELEMENTS", "DEFAULT_TILE_ELEMENTS", "extension
 
 DEFAULT_TILE_ELEMENTS = 1 << 23  # sdpo_loss
 DEFAULT_LOGPROBS_TILE_ELEMENTS = 1 << 23  # sequence_logprobs
-# The checkout's csrc/ (editable installs), else the copy installed as sdpo_fast/_csrc (setup.py).
-_CSRC = next((d for d in (Path(__file__).resolve().parent.parent / "csrc", Path(__file__).resolve().parent / "_csrc")
-              if (d / "sdpo_native.cpp").is_file()), Path(__file__).resolve().parent.parent / "csrc")
 SOURCES = ("sdpo_native.cpp", "rowops.cpp")
+# The checkout's csrc/ (editable installs), else the copy installed as sdpo_fast/_csrc (setup.py).
+_HERE = Path(__file__).resolve().parent
+_CSRC = next((d for d in (_HERE.parent / "csrc", _HERE / "_csrc") if (d / SOURCES[0]).is_file()), _HERE.parent / "csrc")
 CXX_FLAGS = ["-O3", "-fopenmp"]
 LD_FLAGS = ["-fopenmp"]
 
