@@ -3,6 +3,7 @@
 // machine runs anywhere and uses the widest vectors present. Rows are distributed over OpenMP threads.
 #include "rowops.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -122,6 +123,40 @@ void rows_recompute_grad(float* x, int64_t n, int64_t V, const int64_t* row_ptr,
     for (int64_t t = row_ptr[r]; t < row_ptr[r + 1]; ++t) g_r += g_t[t];
     row_scaled_exp(xr, V, lse[r], -g_r);
     for (int64_t t = row_ptr[r]; t < row_ptr[r + 1]; ++t) xr[target_ids[t]] += g_t[t];
+  }
+}
+
+// Blocks are narrow (hundreds of columns), so one OpenMP region pays off only above this much work.
+constexpr int64_t kParallelElements = 1 << 15;
+
+void rows_block_stats(const float* x, int64_t n, int64_t len, int64_t v0, const int64_t* row_ptr,
+                      const int64_t* target_ids, float* m, float* s, float* token_logit, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (n * len >= kParallelElements)
+  for (int64_t r = 0; r < n; ++r) {
+    const float* xr = x + r * len;
+    const float m_new = std::max(m[r], row_max(xr, len));
+    // the running sum is rescaled to the new maximum (nothing to rescale before the first block)
+    const float carried = m[r] == -std::numeric_limits<float>::infinity() ? 0.0f : s[r] * std::exp(m[r] - m_new);
+    s[r] = carried + row_sum_exp(xr, len, m_new);
+    m[r] = m_new;
+    for (int64_t t = row_ptr[r]; t < row_ptr[r + 1]; ++t) {
+      const int64_t c = target_ids[t] - v0;
+      if (c >= 0 && c < len) token_logit[t] = xr[c];
+    }
+  }
+}
+
+void rows_block_grad(float* x, int64_t n, int64_t len, int64_t v0, const int64_t* row_ptr,
+                     const int64_t* target_ids, const float* g_t, const float* g_row, const float* lse,
+                     int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (n * len >= kParallelElements)
+  for (int64_t r = 0; r < n; ++r) {
+    float* xr = x + r * len;
+    row_scaled_exp(xr, len, lse[r], -g_row[r]);
+    for (int64_t t = row_ptr[r]; t < row_ptr[r + 1]; ++t) {
+      const int64_t c = target_ids[t] - v0;
+      if (c >= 0 && c < len) xr[c] += g_t[t];
+    }
   }
 }
 

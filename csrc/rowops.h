@@ -31,4 +31,20 @@ void rows_fused_grad(float* x, int64_t n, int64_t V, const int64_t* row_ptr, con
 void rows_recompute_grad(float* x, int64_t n, int64_t V, const int64_t* row_ptr, const int64_t* target_ids,
                          const float* g_t, const float* lse, int num_threads);
 
+// Vocabulary-block passes of the plain log-prob op (sdpo_native.cpp, op "logprobs"). x is the block
+// [n, len] of logits (row-major, rows contiguous) of rows [0, n) and vocabulary ids [v0, v0 + len);
+// row_ptr, m, s, lse and g_row are shifted to the block's first row, target offsets stay absolute.
+//
+// Online softmax statistics, updated block after block: m[r] <- max(m[r], max of the block) and
+// s[r] <- sum of exp(logit - m[r]) over the blocks seen so far (m = -inf, s = 0 before the first);
+// token_logit[t] = x[r, id_t - v0] for the row's targets whose ids fall in the block.
+void rows_block_stats(const float* x, int64_t n, int64_t len, int64_t v0, const int64_t* row_ptr,
+                      const int64_t* target_ids, float* m, float* s, float* token_logit, int num_threads);
+
+// Gradient of a block in place: x[r] <- -g_row[r] * exp(x[r] - lse[r]) + sum_t g_t onehot(id_t - v0)
+// over the row's targets in the block (g_row[r] = sum of the row's g_t).
+void rows_block_grad(float* x, int64_t n, int64_t len, int64_t v0, const int64_t* row_ptr,
+                     const int64_t* target_ids, const float* g_t, const float* g_row, const float* lse,
+                     int num_threads);
+
 }  // namespace sdpo_native

@@ -1,7 +1,11 @@
 // Native CPU backend of sdpo_fast: fused lm_head + log-softmax + gather + per-candidate sum, and the
-// S-DPO loss with its gradients, over the PackedBatch log-prob layout (packing.py).
+// S-DPO loss with its gradients, over the PackedBatch log-prob layout (packing.py). Logits are never
+// held as [rows, V]; everything is fp32.
 //
-// Work is done on fp32 logits tiles of at most `tile_elements` floats, never on [rows, V]:
+// The plain log-prob op ("logprobs", below) runs vocabulary block by vocabulary block over all rows,
+// with multi-threaded BLAS GEMMs whose output blocks stay in cache; see its section.
+//
+// The S-DPO loss ("sdpo_loss") works on logits tiles of at most `tile_elements` floats:
 //   * GEMMs (tile = h W^T, dH = tile W, dW += tile^T h) are split into vocabulary blocks, one OpenMP
 //     task each (dynamic schedule), each a single-threaded BLAS call. A tile has few rows (one group:
 //     ~240 at the benchmark shape), and letting the BLAS split such a GEMM over 2 threads costs ~35%
@@ -14,17 +18,17 @@
 //   * Few OpenMP regions per tile: with the default (active) wait policy an idle worker spins at every
 //     region's end, which on a 2-vCPU machine shared with other work cost ~20% of the step (2.52 s vs
 //     3.0 s with OMP_WAIT_POLICY=passive), so the small [n, D] ops run serially (c10::ParallelGuard).
-// The S-DPO loss processes whole groups: logit rows are stored group by group, so a tile holding
-// all rows of one or more groups yields those groups' log-probs, loss and dL/dlogp, and the gradient
-// GEMMs reuse the exp values left in the tile (three GEMMs). A group whose rows do not fit the tile
-// budget falls back to recomputing its logits in the gradient pass (four GEMMs), as does the plain
-// log-prob op, whose upstream gradient arrives only in autograd's backward.
+//   * Whole groups: logit rows are stored group by group, so a tile holding all rows of one or more
+//     groups yields those groups' log-probs, loss and dL/dlogp, and the gradient GEMMs reuse the exp
+//     values left in the tile (three GEMMs). A group whose rows do not fit the tile budget falls back
+//     to recomputing its logits in the gradient pass (four GEMMs).
 #include <c10/util/ParallelGuard.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
 #include <exception>
+#include <limits>
 #include <vector>
 
 #include "rowops.h"
@@ -32,6 +36,8 @@
 namespace {
 
 using sdpo_native::rows_fused_grad;
+using sdpo_native::rows_block_grad;
+using sdpo_native::rows_block_stats;
 using sdpo_native::rows_recompute_grad;
 using sdpo_native::rows_softmax_stats;
 
@@ -165,68 +171,156 @@ std::pair<at::Tensor, at::Tensor> new_grads(const Layout& L, bool need_h, bool n
 }
 
 // ---- op "logprobs" -------------------------------------------------------------------------------
+//
+// Vocabulary-block-major: for each block of `block` vocabulary columns in turn, one GEMM per row
+// segment writes the block's logits [rows, block] (cache-sized: at the benchmark shape this GEMM runs
+// ~25% faster than one writing [rows, V] to memory), and the row pass reads them while they are hot.
+// The forward keeps an online max / sum per row; the backward turns each block into its gradient and
+// runs the dHidden and dW GEMMs on it. dW block j (rows [v0, v0 + len)) is complete after block j,
+// so it is written once.
+//
+// Row segments: rows [0, ka) are kept from the forward to the backward in a buffer shaped like dW
+// ([V, D] fp32, ka = min(Nr, D)): block j's logits [ka, len] lie at offset v0 * D, inside the region
+// that dW rows [v0, v0 + len) occupy, so once the backward has consumed block j it writes dW's block
+// there, and the buffer is returned as dW. Keeping these rows costs no memory beyond the gradient the
+// backward allocates anyway (it only exists earlier). Rows [ka, ka + kb) are kept in a second buffer
+// (block j at offset v0 * kb) sized by the caller's budget; the other rows are recomputed, `chunk_rows`
+// at a time, in a [chunk_rows, block] work tile.
 
-// Chunks of the plain log-prob op: the first one takes the remainder, so the last one is full
-// ([Nr - chunk, Nr)) and the most rows stay in the buffer for the backward.
-int64_t first_chunk_rows(int64_t Nr, int64_t chunk) { return Nr % chunk == 0 ? chunk : Nr % chunk; }
-
-// Returns (lse [Nr], logps [num_cands], tile) with logps[c] = sum of token log-probs of candidate c, and
-// tile the [chunk, V] buffer that still holds the logits of the last chunk, rows [Nr - chunk, Nr) (all
-// rows when Nr <= chunk). The backward reads them instead of recomputing that chunk, and reuses the
-// buffer: no memory beyond what the backward holds anyway.
-std::vector<at::Tensor> logprobs_forward(const at::Tensor& h, const at::Tensor& w, const at::Tensor& row_ptr,
-                                         const at::Tensor& target_ids, const at::Tensor& target_cands,
-                                         int64_t num_cands, int64_t tile_elements) {
-  const Layout L = check_layout(h, w, row_ptr, target_ids, target_cands);
-  auto f32 = at::TensorOptions().dtype(at::kFloat);
-  at::Tensor lse = at::empty({L.Nr}, f32), sum = at::empty({L.Nr}, f32), tok = at::empty({L.N}, f32);
-  at::Tensor logps = at::zeros({num_cands}, f32);
-  const int64_t chunk = std::min(rows_per_tile(tile_elements, L.V), std::max<int64_t>(L.Nr, 1));
-  at::Tensor buf = at::empty({chunk, L.V}, f32);
-  for (int64_t a = 0, n = first_chunk_rows(L.Nr, chunk); a < L.Nr; a += n, n = chunk) {
-    at::Tensor tile = buf.narrow(0, 0, n);
-    forward_rows(L, h, w, a, n, tile, lse.data_ptr<float>(), sum.data_ptr<float>(), tok.data_ptr<float>(), false);
-  }
-  float* lp = logps.data_ptr<float>();
-  const float* tk = tok.data_ptr<float>();
-  for (int64_t t = 0; t < L.N; ++t) {
-    TORCH_CHECK(L.target_cands[t] >= 0 && L.target_cands[t] < num_cands, "native backend: bad target candidate");
-    lp[L.target_cands[t]] += tk[t];
-  }
-  return {lse, logps, buf};
+at::Tensor block_view(const at::Tensor& flat, int64_t offset, int64_t rows, int64_t len) {
+  return flat.narrow(0, offset, rows * len).view({rows, len});
 }
 
-// Returns (dh [Nr, D] fp32 or undefined, dw [V, D] fp32 or undefined) for upstream grad_logps [num_cands].
-// tile: the forward's buffer (its first rows hold the last chunk's logits, see logprobs_forward), or
-// undefined to recompute every chunk. It is overwritten.
+struct SeqSegments {
+  int64_t ka, kb, chunk;  // rows kept in the dW-shaped buffer, in the extra buffer; recompute chunk
+};
+
+// Runs fn(x, r0, n, kept) over the row segments of vocabulary block [v0, v0 + len): the kept blocks
+// (views into the buffers) first, then the recomputed rows chunk by chunk in the work tile.
+template <typename Fn>
+void for_segments(const Layout& L, const SeqSegments& sg, int64_t v0, int64_t len, const at::Tensor& kept_a,
+                  const at::Tensor& kept_b, const at::Tensor& work, const Fn& fn) {
+  if (sg.ka > 0) fn(block_view(kept_a.view(-1), v0 * L.D, sg.ka, len), 0, sg.ka, true);
+  if (sg.kb > 0) fn(block_view(kept_b, v0 * sg.kb, sg.kb, len), sg.ka, sg.kb, true);
+  for (int64_t r0 = sg.ka + sg.kb; r0 < L.Nr; r0 += sg.chunk) {
+    const int64_t n = std::min(sg.chunk, L.Nr - r0);
+    fn(block_view(work, 0, n, len), r0, n, false);
+  }
+}
+
+at::Tensor work_tile(const Layout& L, const SeqSegments& sg, int64_t block) {
+  const bool any = sg.ka + sg.kb < L.Nr;
+  return any ? at::empty({sg.chunk * std::min(block, L.V)}, at::TensorOptions().dtype(at::kFloat)) : at::Tensor();
+}
+
+// Returns (lse [Nr], logps [num_cands], kept_a [V, D] | undefined, kept_b [kb * V] | undefined) with
+// logps[c] = sum of the token log-probs of candidate c. kept_a holds rows [0, min(Nr, D)) when
+// keep_in_grad (the backward returns it as dW); kept_b holds the next kb = keep_elements / V rows.
+std::vector<at::Tensor> logprobs_forward(const at::Tensor& h, const at::Tensor& w, const at::Tensor& row_ptr,
+                                         const at::Tensor& target_ids, const at::Tensor& target_cands,
+                                         int64_t num_cands, bool keep_in_grad, int64_t keep_elements,
+                                         int64_t block, int64_t chunk_rows) {
+  const Layout L = check_layout(h, w, row_ptr, target_ids, target_cands);
+  TORCH_CHECK(block >= 1 && chunk_rows >= 1 && keep_elements >= 0,
+              "native backend: block and chunk_rows must be >= 1, keep_elements >= 0");
+  auto f32 = at::TensorOptions().dtype(at::kFloat);
+  SeqSegments sg{keep_in_grad ? std::min(L.Nr, L.D) : 0, 0, 0};
+  sg.kb = L.V > 0 ? std::min(L.Nr - sg.ka, keep_elements / L.V) : 0;
+  sg.chunk = std::max<int64_t>(1, std::min(chunk_rows, L.Nr - sg.ka - sg.kb));
+  at::Tensor kept_a = sg.ka > 0 ? at::empty({L.V, L.D}, f32) : at::Tensor();
+  at::Tensor kept_b = sg.kb > 0 ? at::empty({sg.kb * L.V}, f32) : at::Tensor();
+  at::Tensor work = work_tile(L, sg, block);
+  at::Tensor m = at::full({L.Nr}, -std::numeric_limits<float>::infinity(), f32), s = at::zeros({L.Nr}, f32);
+  at::Tensor tok = at::empty({L.N}, f32), logps = at::zeros({num_cands}, f32);
+  float *mp = m.data_ptr<float>(), *sp = s.data_ptr<float>(), *tk = tok.data_ptr<float>();
+  for (int64_t v0 = 0; v0 < L.V; v0 += block) {
+    const int64_t len = std::min(block, L.V - v0);
+    const at::Tensor wt = w.narrow(0, v0, len).t();
+    for_segments(L, sg, v0, len, kept_a, kept_b, work, [&](at::Tensor x, int64_t r0, int64_t n, bool) {
+      at::mm_out(x, h.narrow(0, r0, n), wt);
+      rows_block_stats(x.data_ptr<float>(), n, len, v0, L.row_ptr + r0, L.target_ids, mp + r0, sp + r0, tk,
+                       threads());
+    });
+  }
+  at::Tensor lse = at::empty({L.Nr}, f32);
+  float* ls = lse.data_ptr<float>();
+  float* lp = logps.data_ptr<float>();
+  for (int64_t r = 0; r < L.Nr; ++r) {
+    ls[r] = mp[r] + std::log(sp[r]);
+    for (int64_t t = L.row_ptr[r]; t < L.row_ptr[r + 1]; ++t) {
+      const int64_t c = L.target_cands[t];
+      TORCH_CHECK(c >= 0 && c < num_cands, "native backend: bad target candidate");
+      lp[c] += tk[t] - ls[r];
+    }
+  }
+  return {lse, logps, kept_a, kept_b};
+}
+
+// Returns (dh [Nr, D] fp32 | undefined, dw [V, D] fp32 | undefined) for upstream grad_logps
+// [num_cands]. kept_a / kept_b: the forward's buffers (their logits are overwritten; dw is kept_a
+// when it is given), or undefined to recompute those rows.
 std::vector<at::Tensor> logprobs_backward(const at::Tensor& h, const at::Tensor& w, const at::Tensor& row_ptr,
                                           const at::Tensor& target_ids, const at::Tensor& target_cands,
                                           const at::Tensor& lse, const at::Tensor& grad_logps, bool need_h,
-                                          bool need_w, int64_t tile_elements, c10::optional<at::Tensor> tile) {
+                                          bool need_w, int64_t block, int64_t chunk_rows,
+                                          c10::optional<at::Tensor> kept_a_opt, c10::optional<at::Tensor> kept_b_opt) {
   const Layout L = check_layout(h, w, row_ptr, target_ids, target_cands);
+  TORCH_CHECK(block >= 1 && chunk_rows >= 1, "native backend: block and chunk_rows must be >= 1");
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == L.Nr, "native backend: lse [Nr] fp32");
-  const at::Tensor g = grad_logps.to(at::kFloat).contiguous();
-  auto [dh, dw] = new_grads(L, need_h, need_w);
-  if (L.Nr == 0 || (!need_h && !need_w)) return {dh, dw};
-  at::Tensor g_t = g.index_select(0, target_cands);
-  const int64_t chunk = std::min(rows_per_tile(tile_elements, L.V), L.Nr);
-  int64_t end = L.Nr;
-  at::Tensor buf;
-  if (tile.has_value() && tile->defined()) {
-    buf = *tile;
-    TORCH_CHECK(buf.scalar_type() == at::kFloat && buf.is_contiguous() && buf.dim() == 2 && buf.size(0) == chunk &&
-                    buf.size(1) == L.V, "native backend: the stored tile must be the forward's [chunk, V] buffer");
-    const int64_t n = L.Nr <= chunk ? L.Nr : chunk;  // the forward's last chunk, full (see above)
-    const int64_t last = L.Nr - n;
-    at::Tensor stored = buf.narrow(0, 0, n);
-    rows_recompute_grad(stored.data_ptr<float>(), n, L.V, L.row_ptr + last, L.target_ids, g_t.data_ptr<float>(),
-                        lse.data_ptr<float>() + last, threads());
-    gradient_gemms(h, w, last, n, stored, at::Tensor(), dh, dw);
-    end = last;
-  } else {
-    buf = at::empty({chunk, L.V}, at::TensorOptions().dtype(at::kFloat));
+  const at::Tensor kept_a = kept_a_opt.has_value() ? *kept_a_opt : at::Tensor();
+  const at::Tensor kept_b = kept_b_opt.has_value() ? *kept_b_opt : at::Tensor();
+  SeqSegments sg{kept_a.defined() ? std::min(L.Nr, L.D) : 0, 0, 0};
+  if (kept_a.defined()) {
+    TORCH_CHECK(kept_a.scalar_type() == at::kFloat && kept_a.is_contiguous() && kept_a.dim() == 2 &&
+                    kept_a.size(0) == L.V && kept_a.size(1) == L.D, "native backend: kept_a must be the forward's [V, D] buffer");
   }
-  recompute_backward(L, h, w, 0, end, lse.data_ptr<float>(), g_t.data_ptr<float>(), buf, chunk, dh, dw);
+  if (kept_b.defined()) {
+    TORCH_CHECK(kept_b.scalar_type() == at::kFloat && kept_b.is_contiguous() && kept_b.dim() == 1 && L.V > 0 &&
+                    kept_b.numel() % L.V == 0, "native backend: kept_b must be the forward's [kb * V] buffer");
+    sg.kb = kept_b.numel() / L.V;
+    TORCH_CHECK(sg.ka + sg.kb <= L.Nr, "native backend: kept_b holds more rows than the batch");
+  }
+  sg.chunk = std::max<int64_t>(1, std::min(chunk_rows, L.Nr - sg.ka - sg.kb));
+  auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor dh = need_h ? at::zeros({L.Nr, L.D}, f32) : at::Tensor();
+  at::Tensor dw = need_w ? (kept_a.defined() ? kept_a : at::empty({L.V, L.D}, f32)) : at::Tensor();
+  if (L.Nr == 0 || (!need_h && !need_w)) {
+    if (need_w) dw.zero_();
+    return {dh, dw};
+  }
+  const at::Tensor g = grad_logps.to(at::kFloat).contiguous();
+  const at::Tensor g_t = g.index_select(0, target_cands);
+  const float* gt = g_t.data_ptr<float>();
+  std::vector<float> g_row(L.Nr, 0.0f);
+  for (int64_t r = 0; r < L.Nr; ++r) {
+    for (int64_t t = L.row_ptr[r]; t < L.row_ptr[r + 1]; ++t) g_row[r] += gt[t];
+  }
+  at::Tensor work = work_tile(L, sg, block);
+  at::Tensor dw_block = need_w ? at::empty({std::min(block, L.V), L.D}, f32) : at::Tensor();
+  const float* ls = lse.data_ptr<float>();
+  for (int64_t v0 = 0; v0 < L.V; v0 += block) {
+    const int64_t len = std::min(block, L.V - v0);
+    const at::Tensor wb = w.narrow(0, v0, len);
+    at::Tensor dwb = need_w ? dw_block.narrow(0, 0, len) : at::Tensor();
+    bool first = true;
+    for_segments(L, sg, v0, len, kept_a, kept_b, work, [&](at::Tensor x, int64_t r0, int64_t n, bool kept) {
+      const at::Tensor hb = h.narrow(0, r0, n);
+      if (!kept) at::mm_out(x, hb, wb.t());
+      rows_block_grad(x.data_ptr<float>(), n, len, v0, L.row_ptr + r0, L.target_ids, gt, g_row.data() + r0, ls + r0,
+                      threads());
+      if (need_h) dh.narrow(0, r0, n).addmm_(x, wb);
+      if (need_w) {
+        if (first) {
+          at::mm_out(dwb, x.t(), hb);
+        } else {
+          dwb.addmm_(x.t(), hb);
+        }
+      }
+      first = false;
+    });
+    // dW rows [v0, v0 + len): in kept_a this region held block j's kept logits, consumed above
+    if (need_w) dw.narrow(0, v0, len).copy_(dwb);
+  }
   return {dh, dw};
 }
 
@@ -362,9 +456,11 @@ std::vector<at::Tensor> sdpo_loss(const at::Tensor& h, const at::Tensor& w, cons
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sdpo_fast native CPU kernels (fused log-probs and S-DPO loss); see csrc/sdpo_native.cpp";
   m.def("logprobs_forward", &logprobs_forward,
-        "(h, w, row_ptr, target_ids, target_candidates, num_cands, tile_elements) -> (lse, logps, tile)");
+        "(h, w, row_ptr, target_ids, target_candidates, num_cands, keep_in_grad, keep_elements, block, chunk_rows) "
+        "-> (lse, logps, kept_a, kept_b)");
   m.def("logprobs_backward", &logprobs_backward,
-        "(h, w, row_ptr, target_ids, target_candidates, lse, grad_logps, need_h, need_w, tile_elements, tile) -> (dh, dw)");
+        "(h, w, row_ptr, target_ids, target_candidates, lse, grad_logps, need_h, need_w, block, chunk_rows, kept_a, "
+        "kept_b) -> (dh, dw)");
   m.def("sdpo_loss", &sdpo_loss,
         "(h, w, row_ptr, target_ids, target_candidates, ref_logps, mask, lens, beta, sft_weight, need_h, need_w, "
         "tile_elements) -> (loss_g, logps, dh, dw)");

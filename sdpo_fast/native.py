@@ -10,11 +10,15 @@ once. A prebuilt ``sdpo_fast._native`` wins over the JIT build: after editing cs
 extension can be had, importing this module raises ImportError with the reason, ``backends`` turns it
 into one warning, and ``"auto"`` uses ``"torch"``.
 
-Both ops take ``tile_elements`` (fp32 logits held at once): the S-DPO loss (default ``2**23``, 32 MiB)
+``sequence_logprobs`` works vocabulary block by vocabulary block (``block`` columns, default 512): each
+GEMM writes a cache-sized logits block that the row pass reads while it is hot. Its forward keeps the
+logits of the first ``min(rows, D)`` rows in a buffer shaped like the weight gradient, which the
+backward consumes block by block and returns as that gradient (``keep_in_grad``, when the weight
+needs a gradient), plus ``keep_elements`` more logits (default ``2**23``, 32 MiB); only the other rows
+are recomputed in the backward, ``chunk_rows`` (default ``2**20 // block``) at a time.
+The S-DPO loss takes ``tile_elements`` (default ``2**23``, 32 MiB of fp32 logits held at once): it
 keeps every group whose logit rows fit it in one tile and reuses the tile for the gradients (three
-GEMMs); larger groups recompute their logits. ``sequence_logprobs`` (same default) always recomputes
-in its backward, since its upstream gradient arrives later. (A 64 MiB tile for it measured no faster
-at the benchmark shape and put its working memory over 1/8 of eager's.)
+GEMMs); larger groups recompute their logits.
 bf16/fp16 inputs are computed in fp32 (``weight`` is converted once per call: ``V * D * 4`` bytes).
 """
 
@@ -30,10 +34,12 @@ import torch
 from . import backends
 from .packing import PackedBatch
 
-__all__ = ["DEFAULT_LOGPROBS_TILE_ELEMENTS", "DEFAULT_TILE_ELEMENTS", "extension", "native_sdpo_loss", "native_sequence_logprobs"]
+__all__ = ["DEFAULT_BLOCK", "DEFAULT_KEEP_ELEMENTS", "DEFAULT_TILE_ELEMENTS", "DEFAULT_WORK_ELEMENTS", "extension", "native_sdpo_loss", "native_sequence_logprobs"]
 
 DEFAULT_TILE_ELEMENTS = 1 << 23  # sdpo_loss
-DEFAULT_LOGPROBS_TILE_ELEMENTS = 1 << 23  # sequence_logprobs
+DEFAULT_BLOCK = 512  # sequence_logprobs: vocabulary columns per block
+DEFAULT_KEEP_ELEMENTS = 1 << 23  # sequence_logprobs: logits kept besides the weight-gradient-shaped buffer
+DEFAULT_WORK_ELEMENTS = 1 << 20  # sequence_logprobs: recomputed logits per block (chunk_rows * block)
 SOURCES = ("sdpo_native.cpp", "rowops.cpp")
 # The checkout's csrc/ (editable installs), else the copy installed as sdpo_fast/_csrc (setup.py).
 _HERE = Path(__file__).resolve().parent
@@ -122,17 +128,16 @@ def _scatter_dhidden(hidden: torch.Tensor, batch: PackedBatch, dh: torch.Tensor)
 
 class _NativeSequenceLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, batch, tile):
+    def forward(ctx, hidden, weight, batch, keep_elements, keep_in_grad, block, chunk_rows):
         h, w = _prepare(hidden, weight, batch)
         G, C = batch.candidate_mask.shape
-        lse, logps, buf = extension.logprobs_forward(
-            h, w, batch.row_ptr, batch.target_ids, batch.target_candidates, G * C, tile
+        lse, logps, kept_a, kept_b = extension.logprobs_forward(
+            h, w, batch.row_ptr, batch.target_ids, batch.target_candidates, G * C, keep_in_grad, keep_elements,
+            block, chunk_rows,
         )
-        # the fp32 weight is rebuilt in backward rather than kept alive when weight is bf16/fp16; the
-        # logits buffer is kept: it holds the last chunk's logits, which the backward then skips
-        # recomputing, and it is the buffer the backward needs anyway (no extra peak memory)
+        # the fp32 weight is rebuilt in backward rather than kept alive when weight is bf16/fp16
         ctx.save_for_backward(hidden, weight, h, lse)
-        ctx.batch, ctx.tile, ctx.buf = batch, tile, buf
+        ctx.batch, ctx.block, ctx.chunk_rows, ctx.kept = batch, block, chunk_rows, (kept_a, kept_b)
         return logps.view(G, C)
 
     @staticmethod
@@ -141,20 +146,42 @@ class _NativeSequenceLogprobs(torch.autograd.Function):
         batch = ctx.batch
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         w = weight.detach().float().contiguous()
-        buf, ctx.buf = ctx.buf, None  # overwritten below: a second backward would find no stored logits
+        # the kept logits are overwritten (and kept_a becomes dW): a second backward recomputes them
+        (kept_a, kept_b), ctx.kept = ctx.kept, (None, None)
         dh, dw = extension.logprobs_backward(
             h, w, batch.row_ptr, batch.target_ids, batch.target_candidates, lse,
-            grad_logps.reshape(-1), need_h, need_w, ctx.tile, buf,
+            grad_logps.reshape(-1), need_h, need_w, ctx.block, ctx.chunk_rows, kept_a, kept_b,
         )
         dhidden = _scatter_dhidden(hidden, batch, dh) if need_h else None
         dweight = dw.to(weight.dtype) if need_w else None
-        return dhidden, dweight, None, None
+        return dhidden, dweight, None, None, None, None, None
 
 
-def native_sequence_logprobs(hidden, weight, batch: PackedBatch, tile_elements=None, chunk_rows=None):
-    """``"logprobs"`` op: ``[G, C]`` fp32 log-probs, differentiable w.r.t. hidden ``[T, D]`` and weight ``[V, D]``."""
-    tile = _tile(tile_elements, chunk_rows, weight.shape[0], DEFAULT_LOGPROBS_TILE_ELEMENTS)
-    return _NativeSequenceLogprobs.apply(hidden, weight, batch, tile)
+def _positive(name: str, value: int | None, default: int, minimum: int = 1) -> int:
+    if value is None:
+        return default
+    if int(value) != value or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def native_sequence_logprobs(hidden, weight, batch: PackedBatch, keep_elements=None, keep_in_grad=True, block=None,
+                             chunk_rows=None):
+    """``"logprobs"`` op: ``[G, C]`` fp32 log-probs, differentiable w.r.t. hidden ``[T, D]`` and weight ``[V, D]``.
+
+    Options (module docstring): ``keep_elements`` (logits kept for the backward besides the gradient-shaped
+    buffer; 0 keeps none), ``keep_in_grad`` (keep ``min(rows, D)`` rows in the buffer that becomes dW),
+    ``block`` (vocabulary columns per block), ``chunk_rows`` (recomputed rows per GEMM).
+    Nothing is kept when no gradient will be taken (``torch.no_grad`` or no input requiring grad).
+    """
+    keep = _positive("keep_elements", keep_elements, DEFAULT_KEEP_ELEMENTS, minimum=0)
+    block = _positive("block", block, DEFAULT_BLOCK)
+    chunk = _positive("chunk_rows", chunk_rows, max(1, DEFAULT_WORK_ELEMENTS // block))
+    tracked = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if not tracked:
+        keep = 0
+    in_grad = bool(keep_in_grad) and tracked and weight.requires_grad
+    return _NativeSequenceLogprobs.apply(hidden, weight, batch, keep, in_grad, block, chunk)
 
 
 def native_sdpo_loss(hidden, weight, batch: PackedBatch, ref_logps, beta, sft_weight, need_h, need_w,

@@ -71,13 +71,25 @@ def num_tokens(batch):
     return batch.shape[0] * batch.shape[1]
 
 
-# tile_elements: default (whole batch in one tile), one row per tile, a few rows per tile.
-@pytest.mark.parametrize("tile", [None, 1, V * 5])
-def test_logprobs_and_gradients_match_fp64(tile):
-    groups = random_groups(0)
+# Row segments of the plain log-prob op: rows kept in the dW-shaped buffer (the first min(rows, D)),
+# rows kept in the extra buffer (keep_elements), rows recomputed chunk by chunk; vocabulary blocks.
+SEQ_OPTIONS = {
+    "defaults": {},
+    "recompute-all": dict(keep_elements=0, keep_in_grad=False),
+    "recompute-rows-of-1-blocks-of-7": dict(keep_elements=0, keep_in_grad=False, block=7, chunk_rows=1),
+    "extra-buffer-only": dict(keep_elements=V * 9, keep_in_grad=False, block=64, chunk_rows=5),
+    "all-three-segments": dict(keep_elements=V * 9, block=50, chunk_rows=4),
+    "one-block": dict(keep_elements=V * 3, block=10_000, chunk_rows=7),
+}
+
+
+@pytest.mark.parametrize("opts", SEQ_OPTIONS.values(), ids=SEQ_OPTIONS.keys())
+def test_logprobs_and_gradients_match_fp64(opts):
+    groups = random_groups(0, n_groups=20)
     batch = sdpo_fast.pack_groups(groups, pad_to_multiple_of=8)
+    assert batch.logit_rows.numel() > D + 9 + 4  # every segment of "all-three-segments" is non-empty
     h, w = leaves(num_tokens(batch))
-    got = sdpo_fast.sequence_logprobs(h, w, batch, backend="native", tile_elements=tile)
+    got = sdpo_fast.sequence_logprobs(h, w, batch, backend="native", **opts)
     assert got.dtype == torch.float32 and got.shape == batch.candidate_mask.shape
     upstream = torch.randn(got.shape)
     (got * upstream).sum().backward()
@@ -93,20 +105,56 @@ def test_logprobs_and_gradients_match_fp64(tile):
     assert (h.grad[others] == 0).all()
 
 
-@pytest.mark.parametrize("tile", [None, V * 5])
-def test_second_backward_recomputes_the_stored_chunk(tile):
-    """The backward reads the forward's last logits chunk and overwrites it; a second backward
-    (retain_graph) must recompute it and give the same gradients."""
-    batch = sdpo_fast.pack_groups(random_groups(1), pad_to_multiple_of=8)
+@pytest.mark.parametrize("opts", [{}, SEQ_OPTIONS["all-three-segments"]], ids=["defaults", "all-three-segments"])
+def test_second_backward_recomputes_the_kept_logits(opts):
+    """The backward overwrites the logits the forward kept (and returns one buffer as dW); a second
+    backward (retain_graph) must recompute them and still match fp64."""
+    groups = random_groups(1, n_groups=20)
+    batch = sdpo_fast.pack_groups(groups, pad_to_multiple_of=8)
     h, w = leaves(num_tokens(batch))
-    out = sdpo_fast.sequence_logprobs(h, w, batch, backend="native", tile_elements=tile)
+    out = sdpo_fast.sequence_logprobs(h, w, batch, backend="native", **opts)
     upstream = torch.randn(out.shape)
-    (out * upstream).sum().backward(retain_graph=True)
-    first = h.grad.clone(), w.grad.clone()
-    h.grad = w.grad = None
-    (out * upstream).sum().backward()
-    torch.testing.assert_close(h.grad, first[0], rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(w.grad, first[1], rtol=1e-6, atol=1e-7)
+    h64, w64 = fp64_copies(h, w)
+    (naive_logps(h64, w64, groups, batch) * upstream.double()).sum().backward()
+    for retain in (True, False):
+        h.grad = w.grad = None
+        (out * upstream).sum().backward(retain_graph=retain)
+        torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_nothing_kept_without_a_backward(monkeypatch):
+    """Under no_grad, or when no input needs a gradient, the forward keeps no logits; with a frozen
+    weight it keeps none in the gradient-shaped buffer."""
+    import sdpo_fast.native as nat
+
+    seen = []
+    real = nat.extension
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def logprobs_forward(self, *args):
+            out = real.logprobs_forward(*args)
+            seen.append((args[6], args[7], out[2] is not None, out[3] is not None))
+            return out
+
+    monkeypatch.setattr(nat, "extension", Spy())
+    groups = random_groups(0, n_groups=20)
+    batch = sdpo_fast.pack_groups(groups)
+    h, w = leaves(num_tokens(batch))
+    expected = naive_logps(h.detach().double(), w.detach().double(), groups, batch)
+    with torch.no_grad():
+        a = sdpo_fast.sequence_logprobs(h, w, batch, backend="native")
+    b = sdpo_fast.sequence_logprobs(h.detach(), w.detach(), batch, backend="native")
+    c = sdpo_fast.sequence_logprobs(h, w.detach(), batch, backend="native")
+    d = sdpo_fast.sequence_logprobs(h, w, batch, backend="native")
+    for out in (a, b, c, d):
+        torch.testing.assert_close(out.detach().double(), expected, rtol=1e-5, atol=1e-4)
+    assert seen[0] == (False, 0, False, False) and seen[1] == (False, 0, False, False)
+    assert seen[2][0] is False and seen[2][2] is False and seen[2][1] > 0
+    assert seen[3][0] is True and seen[3][2] is True
 
 
 # tile_elements: every group in one tile (no recompute); ~6 rows (groups merged where they fit, the
@@ -158,11 +206,18 @@ def test_vocabulary_split_into_blocks(tile):
 
     h.grad = w.grad = h64.grad = w64.grad = None
     upstream = torch.randn(batch.candidate_mask.shape)
-    lp = sdpo_fast.sequence_logprobs(h, w, batch, backend="native", tile_elements=tile)
+    # the plain op: default blocks of 512 columns (the last one 5 wide), or narrow blocks and small chunks
+    seq = {} if tile is None else dict(keep_elements=0, keep_in_grad=False, block=100, chunk_rows=2)
+    lp = sdpo_fast.sequence_logprobs(h, w, batch, backend="native", **seq)
     (lp * upstream).sum().backward()
     (naive_logps(h64, w64, groups, batch) * upstream.double()).sum().backward()
     torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+    first = (lp.detach(), h.grad.clone(), w.grad.clone())
+    h.grad = w.grad = None
+    lp = sdpo_fast.sequence_logprobs(h, w, batch, backend="native", **seq)
+    (lp * upstream).sum().backward()
+    assert torch.equal(lp.detach(), first[0]) and torch.equal(h.grad, first[1]) and torch.equal(w.grad, first[2])
 
 
 def test_frozen_weight_both_ops():
@@ -311,10 +366,19 @@ def test_auto_prefers_native_on_cpu():
 def test_bad_options_raise():
     batch = sdpo_fast.pack_groups([([1, 2], [[3], [4]])])
     h, w = leaves(num_tokens(batch))
+    with pytest.raises(ValueError, match="keep_elements"):
+        sdpo_fast.sequence_logprobs(h, w, batch, backend="native", keep_elements=-1)
+    with pytest.raises(ValueError, match="block"):
+        sdpo_fast.sequence_logprobs(h, w, batch, backend="native", block=0)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        sdpo_fast.sequence_logprobs(h, w, batch, backend="native", chunk_rows=2.5)
+    with pytest.raises(TypeError, match="tile_elements"):
+        sdpo_fast.sequence_logprobs(h, w, batch, backend="native", tile_elements=10)
     with pytest.raises(ValueError, match="tile_elements"):
-        sdpo_fast.sequence_logprobs(h, w, batch, backend="native", tile_elements=0)
+        fused_sdpo_loss(h, w, batch, torch.zeros(batch.candidate_mask.shape), backend="native", tile_elements=0)
     with pytest.raises(ValueError, match="not both"):
-        sdpo_fast.sequence_logprobs(h, w, batch, backend="native", tile_elements=10, chunk_rows=2)
+        fused_sdpo_loss(h, w, batch, torch.zeros(batch.candidate_mask.shape), backend="native", tile_elements=10,
+                        chunk_rows=2)
 
 
 def test_skipped_extension_falls_back_with_one_warning():
