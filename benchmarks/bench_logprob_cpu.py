@@ -110,8 +110,8 @@ def run_step(name, batch, hidden, weight, ref):
     return loss.detach()
 
 
-def interleaved_medians(fns: dict, repeats: int, desc: str = "timing") -> dict:
-    """Median seconds of each callable, one warm-up each, then ``repeats`` round-robin passes."""
+def interleaved_times(fns: dict, repeats: int, desc: str = "timing") -> dict:
+    """Seconds of each callable per round: one warm-up each, then ``repeats`` round-robin passes."""
     from tqdm import tqdm
 
     for fn in fns.values():
@@ -122,7 +122,7 @@ def interleaved_medians(fns: dict, repeats: int, desc: str = "timing") -> dict:
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
 def gemm_fns(n, dim, vocab, dtype):
@@ -212,7 +212,10 @@ def main(argv=None):
     losses = {name: run_step(name, batch, hidden, weight, ref).item() for name in rows}
     fns = {name: (lambda name=name: run_step(name, batch, hidden, weight, ref)) for name in rows}
     fns.update(gemm_fns(N, args.dim, args.vocab, dtype))
-    medians = interleaved_medians(fns, args.repeats, desc="time (fwd+bwd, round robin)")
+    rounds = interleaved_times(fns, args.repeats, desc="time (fwd+bwd, round robin)")
+    medians = {k: statistics.median(v) for k, v in rounds.items()}
+    # eager's time over each row's in the same round: the spread shows how much the machine's load moved
+    paired = {k: sorted(e / t for e, t in zip(rounds["eager"], rounds[k])) for k in rows}
     times = {name: medians[name] for name in rows}
     gemm = {k.removeprefix("gemm_"): v for k, v in medians.items() if k.startswith("gemm_")}
     gemm_total = sum(gemm.values())
@@ -233,6 +236,9 @@ def main(argv=None):
         "peak_extra_mb": mem,
         "bare_gemm_seconds": {**gemm, "total": gemm_total},
         "speedup_vs_eager": {k: times["eager"] / v for k, v in times.items()},
+        "speedup_vs_eager_per_round": {k: {"min": v[0], "median": statistics.median(v), "max": v[-1]}
+                                       for k, v in paired.items()},
+        "rounds_seconds": rounds,
         "speedup_vs_torch_chunked": {k: times["torch_chunked"] / v for k, v in times.items()},
         "time_over_bare_gemms": {k: v / gemm_total for k, v in times.items()},
         "memory_fraction_of_eager": {k: v["total"] / mem["eager"]["total"] for k, v in mem.items()},
@@ -257,9 +263,9 @@ def _markdown(r):
         f"{s['groups']} groups x {s['cands']} candidates x {s['cand_len']} tokens = N {s['N_targets']} targets "
         f"({s['logit_rows']} distinct logit rows), D {s['dim']}, V {s['vocab']}, {s['dtype']}, forward + backward.",
         "",
-        "| row | median s | vs eager | vs torch chunked | / bare GEMMs | peak extra MiB (/ eager) "
-        "| excl. grads MiB (/ eager) |",
-        "|---|---|---|---|---|---|---|",
+        "| row | median s | vs eager | vs eager per round (min-max) | vs torch chunked | / bare GEMMs "
+        "| peak extra MiB (/ eager) | excl. grads MiB (/ eager) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for k, t in r["seconds"].items():
         mem = r["peak_extra_mb"].get(k)
@@ -268,8 +274,10 @@ def _markdown(r):
         else:
             total = f"{mem['total']:.0f} ({r['memory_fraction_of_eager'][k]:.3f})"
             working = f"{mem['working']:.0f} ({r['working_memory_fraction_of_eager'][k]:.3f})"
+        pr = r["speedup_vs_eager_per_round"][k]
         lines.append(
-            f"| {k} | {t:.3f} | {r['speedup_vs_eager'][k]:.2f}x | {r['speedup_vs_torch_chunked'][k]:.2f}x | "
+            f"| {k} | {t:.3f} | {r['speedup_vs_eager'][k]:.2f}x | {pr['min']:.2f}-{pr['max']:.2f}x | "
+            f"{r['speedup_vs_torch_chunked'][k]:.2f}x | "
             f"{r['time_over_bare_gemms'][k]:.2f} | {total} | {working} |"
         )
     g = r["bare_gemm_seconds"]
@@ -277,6 +285,8 @@ def _markdown(r):
         "",
         f"Bare GEMMs of eager's shapes: logits {g['logits']:.3f} s, dHidden {g['dhidden']:.3f} s, "
         f"dW {g['dweight']:.3f} s, total {g['total']:.3f} s (timed in the same round robin).",
+        f"'vs eager': ratio of the medians; 'per round': eager's time over the row's within each of the "
+        f"{len(r['rounds_seconds']['eager'])} rounds.",
         "Peak extra memory: resident-set peak of one step in a fresh process minus the RSS before it; "
         "'excl. grads' subtracts hidden.grad and weight.grad, the outputs every row produces.",
     ]

@@ -1,0 +1,38 @@
+"""Smoke test of benchmarks/bench_logprob_cpu.py at a tiny shape: every row runs, the rows give
+eager's loss (an independent check of the native and chunked paths on the benchmark's own inputs),
+and the per-round ratios are reported. Timings are never asserted."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--groups", "2", "--cands", "3", "--cand-len", "4", "--prompt-len", "5", "--dim", "32", "--vocab", "300",
+        "--repeats", "3"]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_logprob_cpu", ROOT / "benchmarks" / "bench_logprob_cpu.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_logprob_cpu"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_run_writes_results_and_rows_agree(bench, tmp_path):
+    result = bench.main(TINY + ["--no-memory", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "logprob_cpu.json").read_text())
+    assert saved["seconds"].keys() == result["seconds"].keys()
+    assert {"eager", "torch_chunked"} <= set(result["seconds"])
+    eager = result["loss"]["eager"]
+    for name, loss in result["loss"].items():
+        assert loss == pytest.approx(eager, rel=1e-5, abs=1e-6), name
+    for name, pr in result["speedup_vs_eager_per_round"].items():
+        assert len(result["rounds_seconds"][name]) == 3
+        assert pr["min"] <= pr["median"] <= pr["max"]
+    md = (tmp_path / "logprob_cpu.md").read_text()
+    assert "per round" in md and all(f"| {name} |" in md for name in result["seconds"])
