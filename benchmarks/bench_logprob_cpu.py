@@ -154,7 +154,7 @@ def peak_extra_mb(name, shape_args):
 def _memory_child(name, shape_args):
     batch, hidden, weight, ref = make_inputs(**_shape_kwargs(shape_args))
     hidden.requires_grad_(True)
-    weight.requires_grad_(True)
+    weight.requires_grad_(not shape_args.get("frozen_weight", False))
     import sdpo_fast.backends as backends
 
     backends.available("logprobs")  # load optional backends (and the extension) before measuring
@@ -163,13 +163,14 @@ def _memory_child(name, shape_args):
     before, _ = _rss_kb()
     run_step(name, batch, hidden, weight, ref)
     _, peak = _rss_kb()
-    grads = sum(t.grad.numel() * t.grad.element_size() for t in (hidden, weight)) / 2**20
+    grads = sum(t.grad.numel() * t.grad.element_size() for t in (hidden, weight) if t.grad is not None) / 2**20
     total = (peak - before) / 1024
     print(json.dumps({"total": total, "working": total - grads}))
 
 
 def _shape_kwargs(shape_args):
     kw = dict(shape_args)
+    kw.pop("frozen_weight", None)
     kw["dtype"] = {"fp32": torch.float32, "bf16": torch.bfloat16}[kw["dtype"]]
     return kw
 
@@ -192,6 +193,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-row memory subprocesses")
+    p.add_argument("--frozen-weight", action="store_true",
+                   help="weight without gradient (LoRA's frozen lm_head): only dHidden is computed")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
     p.add_argument("--_shape", dest="shape", help=argparse.SUPPRESS)
@@ -202,16 +205,19 @@ def main(argv=None):
         return _memory_child(args.memory_child, json.loads(args.shape))
 
     shape_args = dict(groups=args.groups, cands=args.cands, cand_len=args.cand_len, prompt_len=args.prompt_len,
-                      dim=args.dim, vocab=args.vocab, dtype=args.dtype)
+                      dim=args.dim, vocab=args.vocab, dtype=args.dtype, frozen_weight=args.frozen_weight)
     batch, hidden, weight, ref = make_inputs(**_shape_kwargs(shape_args))
     hidden.requires_grad_(True)
-    weight.requires_grad_(True)
+    weight.requires_grad_(not args.frozen_weight)
     rows = [r for r in ROWS if not r.startswith("native") or "native" in backends.available("sdpo_loss")]
     N, dtype = batch.num_targets, hidden.dtype
 
     losses = {name: run_step(name, batch, hidden, weight, ref).item() for name in rows}
     fns = {name: (lambda name=name: run_step(name, batch, hidden, weight, ref)) for name in rows}
-    fns.update(gemm_fns(N, args.dim, args.vocab, dtype))
+    gemms = gemm_fns(N, args.dim, args.vocab, dtype)
+    if args.frozen_weight:
+        del gemms["gemm_dweight"]  # no dW to compute
+    fns.update(gemms)
     rounds = interleaved_times(fns, args.repeats, desc="time (fwd+bwd, round robin)")
     medians = {k: statistics.median(v) for k, v in rounds.items()}
     # eager's time over each row's in the same round: the spread shows how much the machine's load moved
@@ -249,6 +255,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "logprob_cpu" + ("" if args.dtype == "fp32" else f"_{args.dtype}")
     stem += "" if args.threads is None else f"_t{args.threads}"
+    stem += "_frozen_weight" if args.frozen_weight else ""
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(md + "\n")
     return result
@@ -261,7 +268,8 @@ def _markdown(r):
         "",
         f"{r['device']}, torch {r['versions']['torch']}, 1-min load average {r['load_avg_1m']:.2f}; "
         f"{s['groups']} groups x {s['cands']} candidates x {s['cand_len']} tokens = N {s['N_targets']} targets "
-        f"({s['logit_rows']} distinct logit rows), D {s['dim']}, V {s['vocab']}, {s['dtype']}, forward + backward.",
+        f"({s['logit_rows']} distinct logit rows), D {s['dim']}, V {s['vocab']}, {s['dtype']}, forward + backward"
+        + (" (weight frozen: dHidden only)." if s.get("frozen_weight") else "."),
         "",
         "| row | median s | vs eager | vs eager per round (min-max) | vs torch chunked | / bare GEMMs "
         "| peak extra MiB (/ eager) | excl. grads MiB (/ eager) |",
@@ -283,8 +291,10 @@ def _markdown(r):
     g = r["bare_gemm_seconds"]
     lines += [
         "",
-        f"Bare GEMMs of eager's shapes: logits {g['logits']:.3f} s, dHidden {g['dhidden']:.3f} s, "
-        f"dW {g['dweight']:.3f} s, total {g['total']:.3f} s (timed in the same round robin).",
+        "Bare GEMMs of eager's shapes: "
+        + ", ".join(f"{name} {g[key]:.3f} s" for key, name in (("logits", "logits"), ("dhidden", "dHidden"),
+                                                              ("dweight", "dW")) if key in g)
+        + f", total {g['total']:.3f} s (timed in the same round robin).",
         f"'vs eager': ratio of the medians; 'per round': eager's time over the row's within each of the "
         f"{len(r['rounds_seconds']['eager'])} rounds.",
         "Peak extra memory: resident-set peak of one step in a fresh process minus the RSS before it; "

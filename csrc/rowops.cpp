@@ -146,6 +146,23 @@ void rows_block_stats(const float* x, int64_t n, int64_t len, int64_t v0, const 
   }
 }
 
+void rows_block_exp(float* x, int64_t n, int64_t len, int64_t v0, const int64_t* row_ptr,
+                    const int64_t* target_ids, float* m, float* s, float* token_logit, float* alpha,
+                    int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (n * len >= kParallelElements)
+  for (int64_t r = 0; r < n; ++r) {
+    float* xr = x + r * len;
+    const float m_new = std::max(m[r], row_max(xr, len));
+    alpha[r] = m[r] == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(m[r] - m_new);
+    for (int64_t t = row_ptr[r]; t < row_ptr[r + 1]; ++t) {
+      const int64_t c = target_ids[t] - v0;
+      if (c >= 0 && c < len) token_logit[t] = xr[c];
+    }
+    s[r] = s[r] * alpha[r] + row_exp_sum(xr, len, m_new);
+    m[r] = m_new;
+  }
+}
+
 void rows_block_grad(float* x, int64_t n, int64_t len, int64_t v0, const int64_t* row_ptr,
                      const int64_t* target_ids, const float* g_t, const float* g_row, const float* lse,
                      int num_threads) {

@@ -36,6 +36,7 @@
 namespace {
 
 using sdpo_native::rows_fused_grad;
+using sdpo_native::rows_block_exp;
 using sdpo_native::rows_block_grad;
 using sdpo_native::rows_block_stats;
 using sdpo_native::rows_recompute_grad;
@@ -213,19 +214,24 @@ at::Tensor work_tile(const Layout& L, const SeqSegments& sg, int64_t block) {
   return any ? at::empty({sg.chunk * std::min(block, L.V)}, at::TensorOptions().dtype(at::kFloat)) : at::Tensor();
 }
 
-// Returns (lse [Nr], logps [num_cands], kept_a [V, D] | undefined, kept_b [kb * V] | undefined) with
-// logps[c] = sum of the token log-probs of candidate c. kept_a holds rows [0, min(Nr, D)) when
-// keep_in_grad (the backward returns it as dW); kept_b holds the next kb = keep_elements / V rows.
+// Returns (lse [Nr], logps [num_cands], kept_a [V, D] | undefined, kept_b [kb * V] | undefined,
+// u [Nr, D] | undefined) with logps[c] = sum of the token log-probs of candidate c. kept_a holds rows
+// [0, min(Nr, D)) when keep_in_grad (the backward returns it as dW); kept_b holds the next
+// kb = keep_elements / V rows. With project (frozen weight: only dH will be wanted) nothing is kept;
+// instead u = softmax(logits) W is accumulated block by block (a second GEMM on the cache-hot exp
+// block), from which the backward forms dH without touching the logits again: two GEMMs in all,
+// against three for recomputing.
 std::vector<at::Tensor> logprobs_forward(const at::Tensor& h, const at::Tensor& w, const at::Tensor& row_ptr,
                                          const at::Tensor& target_ids, const at::Tensor& target_cands,
                                          int64_t num_cands, bool keep_in_grad, int64_t keep_elements,
-                                         int64_t block, int64_t chunk_rows) {
+                                         int64_t block, int64_t chunk_rows, bool project) {
   const Layout L = check_layout(h, w, row_ptr, target_ids, target_cands);
   TORCH_CHECK(block >= 1 && chunk_rows >= 1 && keep_elements >= 0,
               "native backend: block and chunk_rows must be >= 1, keep_elements >= 0");
+  TORCH_CHECK(!(project && keep_in_grad), "native backend: project keeps no logits (dW is not wanted)");
   auto f32 = at::TensorOptions().dtype(at::kFloat);
   SeqSegments sg{keep_in_grad ? std::min(L.Nr, L.D) : 0, 0, 0};
-  sg.kb = L.V > 0 ? std::min(L.Nr - sg.ka, keep_elements / L.V) : 0;
+  sg.kb = (L.V > 0 && !project) ? std::min(L.Nr - sg.ka, keep_elements / L.V) : 0;
   sg.chunk = std::max<int64_t>(1, std::min(chunk_rows, L.Nr - sg.ka - sg.kb));
   at::Tensor kept_a = sg.ka > 0 ? at::empty({L.V, L.D}, f32) : at::Tensor();
   at::Tensor kept_b = sg.kb > 0 ? at::empty({sg.kb * L.V}, f32) : at::Tensor();
@@ -233,13 +239,27 @@ std::vector<at::Tensor> logprobs_forward(const at::Tensor& h, const at::Tensor& 
   at::Tensor m = at::full({L.Nr}, -std::numeric_limits<float>::infinity(), f32), s = at::zeros({L.Nr}, f32);
   at::Tensor tok = at::empty({L.N}, f32), logps = at::zeros({num_cands}, f32);
   float *mp = m.data_ptr<float>(), *sp = s.data_ptr<float>(), *tk = tok.data_ptr<float>();
+  at::Tensor u = project ? at::zeros({L.Nr, L.D}, f32) : at::Tensor();
+  std::vector<float> alpha(project ? sg.chunk : 0);
   for (int64_t v0 = 0; v0 < L.V; v0 += block) {
     const int64_t len = std::min(block, L.V - v0);
-    const at::Tensor wt = w.narrow(0, v0, len).t();
+    const at::Tensor wb = w.narrow(0, v0, len);
     for_segments(L, sg, v0, len, kept_a, kept_b, work, [&](at::Tensor x, int64_t r0, int64_t n, bool) {
-      at::mm_out(x, h.narrow(0, r0, n), wt);
-      rows_block_stats(x.data_ptr<float>(), n, len, v0, L.row_ptr + r0, L.target_ids, mp + r0, sp + r0, tk,
-                       threads());
+      at::mm_out(x, h.narrow(0, r0, n), wb.t());
+      if (!project) {
+        rows_block_stats(x.data_ptr<float>(), n, len, v0, L.row_ptr + r0, L.target_ids, mp + r0, sp + r0, tk,
+                         threads());
+        return;
+      }
+      // u accumulates exp(logits - running max) W, rescaled when a row's maximum grows
+      rows_block_exp(x.data_ptr<float>(), n, len, v0, L.row_ptr + r0, L.target_ids, mp + r0, sp + r0, tk,
+                     alpha.data(), threads());
+      float* ub = u.data_ptr<float>() + r0 * L.D;
+      for (int64_t r = 0; r < n; ++r) {
+        if (alpha[r] == 1.0f) continue;
+        for (int64_t d = 0; d < L.D; ++d) ub[r * L.D + d] *= alpha[r];
+      }
+      u.narrow(0, r0, n).addmm_(x, wb);
     });
   }
   at::Tensor lse = at::empty({L.Nr}, f32);
@@ -247,13 +267,44 @@ std::vector<at::Tensor> logprobs_forward(const at::Tensor& h, const at::Tensor& 
   float* lp = logps.data_ptr<float>();
   for (int64_t r = 0; r < L.Nr; ++r) {
     ls[r] = mp[r] + std::log(sp[r]);
+    if (project) {
+      float* ur = u.data_ptr<float>() + r * L.D;
+      const float inv = 1.0f / sp[r];
+      for (int64_t d = 0; d < L.D; ++d) ur[d] *= inv;
+    }
     for (int64_t t = L.row_ptr[r]; t < L.row_ptr[r + 1]; ++t) {
       const int64_t c = L.target_cands[t];
       TORCH_CHECK(c >= 0 && c < num_cands, "native backend: bad target candidate");
       lp[c] += tk[t] - ls[r];
     }
   }
-  return {lse, logps, kept_a, kept_b};
+  return {lse, logps, kept_a, kept_b, u};
+}
+
+// dH of the projected forward (frozen weight): with u[r] = softmax(logits[r]) W from the forward,
+// dH[r] = sum_t g_t W[id_t] - g_row[r] u[r], no logits needed.
+at::Tensor projected_backward(const Layout& L, const at::Tensor& w, const at::Tensor& u, const at::Tensor& grad_logps,
+                              const at::Tensor& target_cands, bool need_h, bool need_w) {
+  TORCH_CHECK(!need_w, "native backend: the projected forward (frozen weight) cannot give dW");
+  TORCH_CHECK(u.scalar_type() == at::kFloat && u.is_contiguous() && u.dim() == 2 && u.size(0) == L.Nr &&
+                  u.size(1) == L.D, "native backend: u must be the forward's [Nr, D] projection");
+  if (!need_h) return at::Tensor();
+  const at::Tensor g_t = grad_logps.to(at::kFloat).contiguous().index_select(0, target_cands);
+  const float *gt = g_t.data_ptr<float>(), *up = u.data_ptr<float>(), *wp = w.data_ptr<float>();
+  at::Tensor dh = at::empty({L.Nr, L.D}, u.options());
+  float* dp = dh.data_ptr<float>();
+#pragma omp parallel for schedule(static) num_threads(threads())
+  for (int64_t r = 0; r < L.Nr; ++r) {
+    float g_row = 0.0f;
+    for (int64_t t = L.row_ptr[r]; t < L.row_ptr[r + 1]; ++t) g_row += gt[t];
+    float* dr = dp + r * L.D;
+    for (int64_t d = 0; d < L.D; ++d) dr[d] = -g_row * up[r * L.D + d];
+    for (int64_t t = L.row_ptr[r]; t < L.row_ptr[r + 1]; ++t) {
+      const float* wr = wp + L.target_ids[t] * L.D;
+      for (int64_t d = 0; d < L.D; ++d) dr[d] += gt[t] * wr[d];
+    }
+  }
+  return dh;
 }
 
 // Returns (dh [Nr, D] fp32 | undefined, dw [V, D] fp32 | undefined) for upstream grad_logps
@@ -263,10 +314,12 @@ std::vector<at::Tensor> logprobs_backward(const at::Tensor& h, const at::Tensor&
                                           const at::Tensor& target_ids, const at::Tensor& target_cands,
                                           const at::Tensor& lse, const at::Tensor& grad_logps, bool need_h,
                                           bool need_w, int64_t block, int64_t chunk_rows,
-                                          c10::optional<at::Tensor> kept_a_opt, c10::optional<at::Tensor> kept_b_opt) {
+                                          c10::optional<at::Tensor> kept_a_opt, c10::optional<at::Tensor> kept_b_opt,
+                                          c10::optional<at::Tensor> u_opt) {
   const Layout L = check_layout(h, w, row_ptr, target_ids, target_cands);
   TORCH_CHECK(block >= 1 && chunk_rows >= 1, "native backend: block and chunk_rows must be >= 1");
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == L.Nr, "native backend: lse [Nr] fp32");
+  if (u_opt.has_value() && u_opt->defined()) return {projected_backward(L, w, *u_opt, grad_logps, target_cands, need_h, need_w), at::Tensor()};
   const at::Tensor kept_a = kept_a_opt.has_value() ? *kept_a_opt : at::Tensor();
   const at::Tensor kept_b = kept_b_opt.has_value() ? *kept_b_opt : at::Tensor();
   SeqSegments sg{kept_a.defined() ? std::min(L.Nr, L.D) : 0, 0, 0};
@@ -456,11 +509,11 @@ std::vector<at::Tensor> sdpo_loss(const at::Tensor& h, const at::Tensor& w, cons
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sdpo_fast native CPU kernels (fused log-probs and S-DPO loss); see csrc/sdpo_native.cpp";
   m.def("logprobs_forward", &logprobs_forward,
-        "(h, w, row_ptr, target_ids, target_candidates, num_cands, keep_in_grad, keep_elements, block, chunk_rows) "
-        "-> (lse, logps, kept_a, kept_b)");
+        "(h, w, row_ptr, target_ids, target_candidates, num_cands, keep_in_grad, keep_elements, block, chunk_rows, "
+        "project) -> (lse, logps, kept_a, kept_b, u)");
   m.def("logprobs_backward", &logprobs_backward,
         "(h, w, row_ptr, target_ids, target_candidates, lse, grad_logps, need_h, need_w, block, chunk_rows, kept_a, "
-        "kept_b) -> (dh, dw)");
+        "kept_b, u) -> (dh, dw)");
   m.def("sdpo_loss", &sdpo_loss,
         "(h, w, row_ptr, target_ids, target_candidates, ref_logps, mask, lens, beta, sft_weight, need_h, need_w, "
         "tile_elements) -> (loss_g, logps, dh, dw)");

@@ -15,10 +15,13 @@ GEMM writes a cache-sized logits block that the row pass reads while it is hot. 
 logits of the first ``min(rows, D)`` rows in a buffer shaped like the weight gradient, which the
 backward consumes block by block and returns as that gradient (``keep_in_grad``, when the weight
 needs a gradient), plus ``keep_elements`` more logits (default ``2**23``, 32 MiB); only the other rows
-are recomputed in the backward, ``chunk_rows`` (default ``2**20 // block``) at a time.
+are recomputed in the backward, ``chunk_rows`` (default ``2**20 // block``) at a time. When the
+weight is frozen (LoRA) the forward instead accumulates ``softmax(logits) @ weight`` ``[rows, D]``
+on the cache-hot blocks, and the backward forms dHidden from it without any logits (two GEMMs in all).
 The S-DPO loss takes ``tile_elements`` (default ``2**23``, 32 MiB of fp32 logits held at once): it
 keeps every group whose logit rows fit it in one tile and reuses the tile for the gradients (three
-GEMMs); larger groups recompute their logits.
+GEMMs); larger groups recompute their logits. With a frozen weight it runs the plain op's projected
+forward instead (``chunk_rows`` is then the recomputed rows per GEMM; ``tile_elements`` is unused).
 bf16/fp16 inputs are computed in fp32 (``weight`` is converted once per call: ``V * D * 4`` bytes).
 """
 
@@ -32,6 +35,7 @@ from pathlib import Path
 import torch
 
 from . import backends
+from .fused_loss import group_loss_and_grad
 from .packing import PackedBatch
 
 __all__ = ["DEFAULT_BLOCK", "DEFAULT_KEEP_ELEMENTS", "DEFAULT_TILE_ELEMENTS", "DEFAULT_WORK_ELEMENTS", "extension", "native_sdpo_loss", "native_sequence_logprobs"]
@@ -128,21 +132,21 @@ def _scatter_dhidden(hidden: torch.Tensor, batch: PackedBatch, dh: torch.Tensor)
 
 class _NativeSequenceLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, batch, keep_elements, keep_in_grad, block, chunk_rows):
+    def forward(ctx, hidden, weight, batch, keep_elements, keep_in_grad, block, chunk_rows, project):
         h, w = _prepare(hidden, weight, batch)
         G, C = batch.candidate_mask.shape
-        lse, logps, kept_a, kept_b = extension.logprobs_forward(
+        lse, logps, kept_a, kept_b, u = extension.logprobs_forward(
             h, w, batch.row_ptr, batch.target_ids, batch.target_candidates, G * C, keep_in_grad, keep_elements,
-            block, chunk_rows,
+            block, chunk_rows, project,
         )
         # the fp32 weight is rebuilt in backward rather than kept alive when weight is bf16/fp16
-        ctx.save_for_backward(hidden, weight, h, lse)
+        ctx.save_for_backward(hidden, weight, h, lse, u)
         ctx.batch, ctx.block, ctx.chunk_rows, ctx.kept = batch, block, chunk_rows, (kept_a, kept_b)
         return logps.view(G, C)
 
     @staticmethod
     def backward(ctx, grad_logps):
-        hidden, weight, h, lse = ctx.saved_tensors
+        hidden, weight, h, lse, u = ctx.saved_tensors
         batch = ctx.batch
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         w = weight.detach().float().contiguous()
@@ -150,11 +154,11 @@ class _NativeSequenceLogprobs(torch.autograd.Function):
         (kept_a, kept_b), ctx.kept = ctx.kept, (None, None)
         dh, dw = extension.logprobs_backward(
             h, w, batch.row_ptr, batch.target_ids, batch.target_candidates, lse,
-            grad_logps.reshape(-1), need_h, need_w, ctx.block, ctx.chunk_rows, kept_a, kept_b,
+            grad_logps.reshape(-1), need_h, need_w, ctx.block, ctx.chunk_rows, kept_a, kept_b, u,
         )
         dhidden = _scatter_dhidden(hidden, batch, dh) if need_h else None
         dweight = dw.to(weight.dtype) if need_w else None
-        return dhidden, dweight, None, None, None, None, None
+        return dhidden, dweight, None, None, None, None, None, None
 
 
 def _positive(name: str, value: int | None, default: int, minimum: int = 1) -> int:
@@ -178,10 +182,29 @@ def native_sequence_logprobs(hidden, weight, batch: PackedBatch, keep_elements=N
     block = _positive("block", block, DEFAULT_BLOCK)
     chunk = _positive("chunk_rows", chunk_rows, max(1, DEFAULT_WORK_ELEMENTS // block))
     tracked = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    if not tracked:
+    # frozen weight: the forward also forms softmax(logits) @ weight, and the backward needs no logits
+    project = tracked and hidden.requires_grad and not weight.requires_grad
+    if not tracked or project:
         keep = 0
     in_grad = bool(keep_in_grad) and tracked and weight.requires_grad
-    return _NativeSequenceLogprobs.apply(hidden, weight, batch, keep, in_grad, block, chunk)
+    return _NativeSequenceLogprobs.apply(hidden, weight, batch, keep, in_grad, block, chunk, project)
+
+
+def _projected_sdpo_loss(hidden, h, w, batch: PackedBatch, ref_logps, beta, sft_weight, chunk_rows):
+    """Frozen weight: the plain op's projected forward over all rows (GEMMs on every row at once, which
+    run faster than per-group tiles), the closed-form dL/dlogp, and dHidden from the projection."""
+    G, C = batch.candidate_mask.shape
+    chunk = chunk_rows if chunk_rows is not None else max(1, DEFAULT_WORK_ELEMENTS // DEFAULT_BLOCK)
+    lse, logps, _, _, u = extension.logprobs_forward(
+        h, w, batch.row_ptr, batch.target_ids, batch.target_candidates, G * C, False, 0, DEFAULT_BLOCK, chunk, True
+    )
+    logps = logps.view(G, C)
+    loss_g, grad = group_loss_and_grad(logps, ref_logps, batch.candidate_mask, batch.candidate_lens, beta, sft_weight)
+    dh, _ = extension.logprobs_backward(
+        h, w, batch.row_ptr, batch.target_ids, batch.target_candidates, lse, grad.flatten().contiguous(), True, False,
+        DEFAULT_BLOCK, chunk, None, None, u,
+    )
+    return loss_g, logps, _scatter_dhidden(hidden, batch, dh), None
 
 
 def native_sdpo_loss(hidden, weight, batch: PackedBatch, ref_logps, beta, sft_weight, need_h, need_w,
@@ -192,6 +215,8 @@ def native_sdpo_loss(hidden, weight, batch: PackedBatch, ref_logps, beta, sft_we
     h, w = _prepare(hidden, weight, batch)
     if bool((batch.candidate_lens[:, 0] < 1).any()):
         raise ValueError("every group needs a chosen candidate (column 0) with at least one token")
+    if need_h and not need_w:
+        return _projected_sdpo_loss(hidden, h, w, batch, ref_logps, beta, sft_weight, chunk_rows)
     loss_g, logps, dh, dw = extension.sdpo_loss(
         h, w, batch.row_ptr, batch.target_ids, batch.target_candidates, ref_logps.detach().float().contiguous(),
         batch.candidate_mask, batch.candidate_lens, float(beta), float(sft_weight), bool(need_h), bool(need_w), tile,

@@ -23,9 +23,10 @@ def bench():
     return module
 
 
-def test_tiny_run_writes_results_and_rows_agree(bench, tmp_path):
-    result = bench.main(TINY + ["--no-memory", "--out", str(tmp_path)])
-    saved = json.loads((tmp_path / "logprob_cpu.json").read_text())
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable-weight", "frozen-weight"])
+def test_tiny_run_writes_results_and_rows_agree(bench, tmp_path, frozen):
+    result = bench.main(TINY + ["--no-memory", "--out", str(tmp_path)] + (["--frozen-weight"] if frozen else []))
+    saved = json.loads((tmp_path / ("logprob_cpu_frozen_weight.json" if frozen else "logprob_cpu.json")).read_text())
     assert saved["seconds"].keys() == result["seconds"].keys()
     assert {"eager", "torch_chunked"} <= set(result["seconds"])
     eager = result["loss"]["eager"]
@@ -34,5 +35,6 @@ def test_tiny_run_writes_results_and_rows_agree(bench, tmp_path):
     for name, pr in result["speedup_vs_eager_per_round"].items():
         assert len(result["rounds_seconds"][name]) == 3
         assert pr["min"] <= pr["median"] <= pr["max"]
-    md = (tmp_path / "logprob_cpu.md").read_text()
+    assert ("dweight" in result["bare_gemm_seconds"]) is not frozen
+    md = (tmp_path / ("logprob_cpu_frozen_weight.md" if frozen else "logprob_cpu.md")).read_text()
     assert "per round" in md and all(f"| {name} |" in md for name in result["seconds"])

@@ -123,9 +123,37 @@ def test_second_backward_recomputes_the_kept_logits(opts):
         torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("opts", [{}, dict(block=7, chunk_rows=3), dict(block=10_000, chunk_rows=1)],
+                         ids=["defaults", "blocks-of-7", "one-block"])
+@pytest.mark.parametrize("confident", [False, True], ids=["random", "confident"])
+def test_frozen_weight_projected_backward_matches_fp64(opts, confident):
+    """Frozen weight: dHidden comes from the forward's softmax(logits) @ W (rescaled as each row's
+    maximum grows block by block), including rows whose target has p ~ 1."""
+    groups = random_groups(9, n_groups=20)
+    batch = sdpo_fast.pack_groups(groups)
+    h, w = leaves(num_tokens(batch), seed=9, scale=3.0 if confident else 1.0, frozen=True)
+    if confident:
+        with torch.no_grad():
+            rows = batch.logit_rows.index_select(0, batch.target_rows)
+            h[rows] += 0.5 * w[batch.target_ids]
+    out = sdpo_fast.sequence_logprobs(h, w, batch, backend="native", **opts)
+    upstream = torch.randn(out.shape)
+    (out * upstream).sum().backward(retain_graph=True)
+    h64, w64 = fp64_copies(h, w)
+    ref = naive_logps(h64, w64, groups, batch)
+    (ref * upstream.double()).sum().backward()
+    torch.testing.assert_close(out.detach().double(), ref.detach(), rtol=1e-5, atol=1e-4)
+    scale = h64.grad.abs().max()
+    assert (h.grad.double() - h64.grad).abs().max() <= 1e-5 * scale
+    first = h.grad.clone()
+    h.grad = None
+    (out * upstream).sum().backward()  # the projection is not consumed: a second backward is the same
+    assert torch.equal(h.grad, first)
+
+
 def test_nothing_kept_without_a_backward(monkeypatch):
     """Under no_grad, or when no input needs a gradient, the forward keeps no logits; with a frozen
-    weight it keeps none in the gradient-shaped buffer."""
+    weight it keeps none either and projects instead; otherwise it fills both buffers."""
     import sdpo_fast.native as nat
 
     seen = []
@@ -137,7 +165,8 @@ def test_nothing_kept_without_a_backward(monkeypatch):
 
         def logprobs_forward(self, *args):
             out = real.logprobs_forward(*args)
-            seen.append((args[6], args[7], out[2] is not None, out[3] is not None))
+            # (keep_in_grad, keep_elements, project, kept_a, kept_b, u)
+            seen.append((args[6], args[7], args[10], out[2] is not None, out[3] is not None, out[4] is not None))
             return out
 
     monkeypatch.setattr(nat, "extension", Spy())
@@ -152,9 +181,9 @@ def test_nothing_kept_without_a_backward(monkeypatch):
     d = sdpo_fast.sequence_logprobs(h, w, batch, backend="native")
     for out in (a, b, c, d):
         torch.testing.assert_close(out.detach().double(), expected, rtol=1e-5, atol=1e-4)
-    assert seen[0] == (False, 0, False, False) and seen[1] == (False, 0, False, False)
-    assert seen[2][0] is False and seen[2][2] is False and seen[2][1] > 0
-    assert seen[3][0] is True and seen[3][2] is True
+    assert seen[0] == seen[1] == (False, 0, False, False, False, False)
+    assert seen[2] == (False, 0, True, False, False, True)  # frozen weight: projected, nothing kept
+    assert seen[3][:3] == (True, sdpo_fast.native.DEFAULT_KEEP_ELEMENTS, False) and seen[3][3:] == (True, True, False)
 
 
 # tile_elements: every group in one tile (no recompute); ~6 rows (groups merged where they fit, the
@@ -220,21 +249,23 @@ def test_vocabulary_split_into_blocks(tile):
     assert torch.equal(lp.detach(), first[0]) and torch.equal(h.grad, first[1]) and torch.equal(w.grad, first[2])
 
 
-def test_frozen_weight_both_ops():
+@pytest.mark.parametrize("chunk_rows", [None, 3])
+def test_frozen_weight_both_ops(chunk_rows):
+    """Frozen weight: the loss runs the projected forward over all rows (chunk_rows per GEMM)."""
     groups = random_groups(2)
     batch = sdpo_fast.pack_groups(groups)
     h, w = leaves(num_tokens(batch), seed=2, frozen=True)
     h64, w64 = fp64_copies(h, w)
     ref = torch.randn(batch.candidate_mask.shape) - 6.0
 
-    loss, _ = fused_sdpo_loss(h, w, batch, ref, sft_weight=0.2, backend="native")
+    loss, _ = fused_sdpo_loss(h, w, batch, ref, sft_weight=0.2, backend="native", chunk_rows=chunk_rows)
     loss.backward()
     naive_loss(naive_logps(h64, w64, groups, batch), ref.double(), batch, 1.0, 0.2).backward()
     assert w.grad is None
     torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
 
     h.grad = h64.grad = None
-    sdpo_fast.sequence_logprobs(h, w, batch, backend="native").sum().backward()
+    sdpo_fast.sequence_logprobs(h, w, batch, backend="native", chunk_rows=chunk_rows).sum().backward()
     naive_logps(h64, w64, groups, batch).sum().backward()
     assert w.grad is None
     torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
@@ -303,6 +334,15 @@ def test_confident_and_extreme_logits():
     scale_h, scale_w = h64.grad.abs().max(), w64.grad.abs().max()
     assert (h.grad.double() - h64.grad).abs().max() <= 1e-5 * scale_h
     assert (w.grad.double() - w64.grad).abs().max() <= 1e-5 * scale_w
+
+    # the plain op on the same rows (kept and recomputed segments both)
+    h.grad = w.grad = h64.grad = w64.grad = None
+    upstream = torch.randn(batch.candidate_mask.shape)
+    lp = sdpo_fast.sequence_logprobs(h, w, batch, backend="native", keep_elements=V * 2, block=100)
+    (lp * upstream).sum().backward()
+    (naive_logps(h64, w64, groups, batch) * upstream.double()).sum().backward()
+    assert (h.grad.double() - h64.grad).abs().max() <= 1e-5 * h64.grad.abs().max()
+    assert (w.grad.double() - w64.grad).abs().max() <= 1e-5 * w64.grad.abs().max()
 
 
 def test_bf16_inputs_beat_torch_error():
