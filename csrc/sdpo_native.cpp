@@ -214,6 +214,72 @@ at::Tensor work_tile(const Layout& L, const SeqSegments& sg, int64_t block) {
   return any ? at::empty({sg.chunk * std::min(block, L.V)}, at::TensorOptions().dtype(at::kFloat)) : at::Tensor();
 }
 
+// Forward pass of rows [0, L.Nr) over the vocabulary blocks: running max m and sum s per row, token
+// logits tok (absolute target offsets), the kept segments filled with their logits; with u defined
+// (zeros [Nr, D]), u accumulates exp(logits - m) W instead, rescaled when a row's maximum grows
+// (divide by s at the end for softmax(logits) W).
+void seq_forward_pass(const Layout& L, const at::Tensor& h, const at::Tensor& w, const SeqSegments& sg,
+                      int64_t block, const at::Tensor& kept_a, const at::Tensor& kept_b, float* mp, float* sp,
+                      float* tk, const at::Tensor& u) {
+  const at::Tensor work = work_tile(L, sg, block);
+  const bool project = u.defined();
+  std::vector<float> alpha(project ? sg.chunk : 0);
+  for (int64_t v0 = 0; v0 < L.V; v0 += block) {
+    const int64_t len = std::min(block, L.V - v0);
+    const at::Tensor wb = w.narrow(0, v0, len);
+    for_segments(L, sg, v0, len, kept_a, kept_b, work, [&](at::Tensor x, int64_t r0, int64_t n, bool) {
+      at::mm_out(x, h.narrow(0, r0, n), wb.t());
+      if (!project) {
+        rows_block_stats(x.data_ptr<float>(), n, len, v0, L.row_ptr + r0, L.target_ids, mp + r0, sp + r0, tk,
+                         threads());
+        return;
+      }
+      rows_block_exp(x.data_ptr<float>(), n, len, v0, L.row_ptr + r0, L.target_ids, mp + r0, sp + r0, tk,
+                     alpha.data(), threads());
+      float* ub = u.data_ptr<float>() + r0 * L.D;
+      for (int64_t r = 0; r < n; ++r) {
+        if (alpha[r] == 1.0f) continue;
+        for (int64_t d = 0; d < L.D; ++d) ub[r * L.D + d] *= alpha[r];
+      }
+      u.narrow(0, r0, n).addmm_(x, wb);
+    });
+  }
+}
+
+// Gradient pass of rows [0, L.Nr): each vocabulary block becomes dL/dlogits (kept segments in place,
+// the others recomputed), dh (zeros [Nr, D] or undefined) accumulates, and dw ([V, D] or undefined) is
+// written block by block; dw may be kept_a's storage (block j's kept logits are consumed first).
+void seq_backward_pass(const Layout& L, const at::Tensor& h, const at::Tensor& w, const SeqSegments& sg,
+                       int64_t block, const at::Tensor& kept_a, const at::Tensor& kept_b, const float* gt,
+                       const float* g_row, const float* ls, const at::Tensor& dh, const at::Tensor& dw) {
+  const at::Tensor work = work_tile(L, sg, block);
+  const bool need_h = dh.defined(), need_w = dw.defined();
+  at::Tensor dw_block = need_w ? at::empty({std::min(block, L.V), L.D}, w.options()) : at::Tensor();
+  for (int64_t v0 = 0; v0 < L.V; v0 += block) {
+    const int64_t len = std::min(block, L.V - v0);
+    const at::Tensor wb = w.narrow(0, v0, len);
+    at::Tensor dwb = need_w ? dw_block.narrow(0, 0, len) : at::Tensor();
+    bool first = true;
+    for_segments(L, sg, v0, len, kept_a, kept_b, work, [&](at::Tensor x, int64_t r0, int64_t n, bool kept) {
+      const at::Tensor hb = h.narrow(0, r0, n);
+      if (!kept) at::mm_out(x, hb, wb.t());
+      rows_block_grad(x.data_ptr<float>(), n, len, v0, L.row_ptr + r0, L.target_ids, gt, g_row + r0, ls + r0,
+                      threads());
+      if (need_h) dh.narrow(0, r0, n).addmm_(x, wb);
+      if (need_w) {
+        if (first) {
+          at::mm_out(dwb, x.t(), hb);
+        } else {
+          dwb.addmm_(x.t(), hb);
+        }
+      }
+      first = false;
+    });
+    // dW rows [v0, v0 + len): in kept_a this region held block j's kept logits, consumed above
+    if (need_w) dw.narrow(0, v0, len).copy_(dwb);
+  }
+}
+
 // Returns (lse [Nr], logps [num_cands], kept_a [V, D] | undefined, kept_b [kb * V] | undefined,
 // u [Nr, D] | undefined) with logps[c] = sum of the token log-probs of candidate c. kept_a holds rows
 // [0, min(Nr, D)) when keep_in_grad (the backward returns it as dW); kept_b holds the next
@@ -235,33 +301,11 @@ std::vector<at::Tensor> logprobs_forward(const at::Tensor& h, const at::Tensor& 
   sg.chunk = std::max<int64_t>(1, std::min(chunk_rows, L.Nr - sg.ka - sg.kb));
   at::Tensor kept_a = sg.ka > 0 ? at::empty({L.V, L.D}, f32) : at::Tensor();
   at::Tensor kept_b = sg.kb > 0 ? at::empty({sg.kb * L.V}, f32) : at::Tensor();
-  at::Tensor work = work_tile(L, sg, block);
   at::Tensor m = at::full({L.Nr}, -std::numeric_limits<float>::infinity(), f32), s = at::zeros({L.Nr}, f32);
   at::Tensor tok = at::empty({L.N}, f32), logps = at::zeros({num_cands}, f32);
   float *mp = m.data_ptr<float>(), *sp = s.data_ptr<float>(), *tk = tok.data_ptr<float>();
   at::Tensor u = project ? at::zeros({L.Nr, L.D}, f32) : at::Tensor();
-  std::vector<float> alpha(project ? sg.chunk : 0);
-  for (int64_t v0 = 0; v0 < L.V; v0 += block) {
-    const int64_t len = std::min(block, L.V - v0);
-    const at::Tensor wb = w.narrow(0, v0, len);
-    for_segments(L, sg, v0, len, kept_a, kept_b, work, [&](at::Tensor x, int64_t r0, int64_t n, bool) {
-      at::mm_out(x, h.narrow(0, r0, n), wb.t());
-      if (!project) {
-        rows_block_stats(x.data_ptr<float>(), n, len, v0, L.row_ptr + r0, L.target_ids, mp + r0, sp + r0, tk,
-                         threads());
-        return;
-      }
-      // u accumulates exp(logits - running max) W, rescaled when a row's maximum grows
-      rows_block_exp(x.data_ptr<float>(), n, len, v0, L.row_ptr + r0, L.target_ids, mp + r0, sp + r0, tk,
-                     alpha.data(), threads());
-      float* ub = u.data_ptr<float>() + r0 * L.D;
-      for (int64_t r = 0; r < n; ++r) {
-        if (alpha[r] == 1.0f) continue;
-        for (int64_t d = 0; d < L.D; ++d) ub[r * L.D + d] *= alpha[r];
-      }
-      u.narrow(0, r0, n).addmm_(x, wb);
-    });
-  }
+  seq_forward_pass(L, h, w, sg, block, kept_a, kept_b, mp, sp, tk, u);
   at::Tensor lse = at::empty({L.Nr}, f32);
   float* ls = lse.data_ptr<float>();
   float* lp = logps.data_ptr<float>();
@@ -348,32 +392,7 @@ std::vector<at::Tensor> logprobs_backward(const at::Tensor& h, const at::Tensor&
   for (int64_t r = 0; r < L.Nr; ++r) {
     for (int64_t t = L.row_ptr[r]; t < L.row_ptr[r + 1]; ++t) g_row[r] += gt[t];
   }
-  at::Tensor work = work_tile(L, sg, block);
-  at::Tensor dw_block = need_w ? at::empty({std::min(block, L.V), L.D}, f32) : at::Tensor();
-  const float* ls = lse.data_ptr<float>();
-  for (int64_t v0 = 0; v0 < L.V; v0 += block) {
-    const int64_t len = std::min(block, L.V - v0);
-    const at::Tensor wb = w.narrow(0, v0, len);
-    at::Tensor dwb = need_w ? dw_block.narrow(0, 0, len) : at::Tensor();
-    bool first = true;
-    for_segments(L, sg, v0, len, kept_a, kept_b, work, [&](at::Tensor x, int64_t r0, int64_t n, bool kept) {
-      const at::Tensor hb = h.narrow(0, r0, n);
-      if (!kept) at::mm_out(x, hb, wb.t());
-      rows_block_grad(x.data_ptr<float>(), n, len, v0, L.row_ptr + r0, L.target_ids, gt, g_row.data() + r0, ls + r0,
-                      threads());
-      if (need_h) dh.narrow(0, r0, n).addmm_(x, wb);
-      if (need_w) {
-        if (first) {
-          at::mm_out(dwb, x.t(), hb);
-        } else {
-          dwb.addmm_(x.t(), hb);
-        }
-      }
-      first = false;
-    });
-    // dW rows [v0, v0 + len): in kept_a this region held block j's kept logits, consumed above
-    if (need_w) dw.narrow(0, v0, len).copy_(dwb);
-  }
+  seq_backward_pass(L, h, w, sg, block, kept_a, kept_b, gt, g_row.data(), lse.data_ptr<float>(), dh, dw);
   return {dh, dw};
 }
 
