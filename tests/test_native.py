@@ -285,6 +285,14 @@ def test_frozen_hidden_and_3d_hidden():
     naive_loss(naive_logps(h64, w64, groups, batch), ref.double(), batch, 1.0, 0.0).backward()
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
 
+    # the plain op with only dW wanted: rows kept in the dW-shaped buffer, in the extra one, recomputed
+    w.grad = w64.grad = None
+    upstream = torch.randn(batch.candidate_mask.shape)
+    lp = sdpo_fast.sequence_logprobs(h, w, batch, backend="native", keep_elements=V * 3, block=64, chunk_rows=5)
+    (lp * upstream).sum().backward()
+    (naive_logps(h64, w64, groups, batch) * upstream.double()).sum().backward()
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+
     w.grad = w64.grad = h64.grad = None
     h3 = h.clone().requires_grad_(True)
     sdpo_fast.sequence_logprobs(h3, w, batch, backend="native").sum().backward()
@@ -372,6 +380,22 @@ def test_bf16_inputs_beat_torch_error():
     for nat, tor, s in zip(errors["native"], errors["torch"], slack):
         assert nat <= tor + s, errors
     assert errors["native"][0] < 1e-3  # fp32 log-probs of bf16 inputs: no bf16 logit rounding
+
+    # the plain op, trainable and frozen weight: bf16 gradients within one bf16 rounding of fp64
+    upstream = torch.randn(batch.candidate_mask.shape)
+    for frozen in (False, True):
+        hb, wb = h.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(not frozen)
+        h64b, w64b = fp64_copies(hb, wb)
+        lp = sdpo_fast.sequence_logprobs(hb, wb, batch, backend="native", block=100)
+        (lp * upstream).sum().backward()
+        (naive_logps(h64b, w64b, groups, batch) * upstream.double()).sum().backward()
+        assert lp.dtype == torch.float32 and hb.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(lp.detach().double(), naive_logps(h64b, w64b, groups, batch).detach(),
+                                   rtol=1e-5, atol=1e-3)
+        assert (hb.grad.double() - h64b.grad).abs().max() <= 2 ** -8 * h64b.grad.abs().max()
+        if not frozen:
+            assert wb.grad.dtype == torch.bfloat16
+            assert (wb.grad.double() - w64b.grad).abs().max() <= 2 ** -8 * w64b.grad.abs().max()
 
 
 def test_agrees_with_torch_and_triton_and_is_deterministic():
