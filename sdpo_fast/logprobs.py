@@ -61,7 +61,9 @@ def sequence_logprobs(
         weight: ``[V, D]`` ``lm_head`` weight (no bias).
         batch: the ``PackedBatch`` the hidden states came from.
         backend: ``"auto"``, ``"cublas"``, ``"triton"``, ``"native"`` or ``"torch"``.
-        options: backend-specific tuning (the torch backend takes ``chunk_rows``).
+        options: backend-specific tuning, documented with each backend's function: ``chunk_rows``
+            (torch), ``chunk_bytes``, ``chunk_rows``, ``block`` (cublas), tile shapes (triton),
+            ``keep_elements``, ``keep_in_grad``, ``block``, ``chunk_rows`` (native).
 
     Returns:
         ``[G, C]`` float32 log pi(candidate | prompt), 0 where ``batch.candidate_mask`` is False.
