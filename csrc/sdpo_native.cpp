@@ -23,6 +23,7 @@
 //     values left in the tile (three GEMMs). A group whose rows do not fit the tile budget falls back
 //     to recomputing its logits in the gradient pass (four GEMMs).
 #include <c10/util/ParallelGuard.h>
+#include <omp.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -134,20 +135,40 @@ void gradient_gemms(const at::Tensor& h, const at::Tensor& w, int64_t r0, int64_
     c10::ParallelGuard serial(true);  // [n, D] is too small to be worth an OpenMP region (see below)
     hs = hb * scale.narrow(0, r0, n).unsqueeze(1);
   }
+  // Each thread takes a fixed run of vocabulary blocks and sums its dH part in place, so the parts are
+  // added in thread order afterwards: deterministic for a given thread count, [threads, n, D] floats.
   const VBlocks vb = vocab_blocks(w.size(0));
-  at::Tensor partial = dh.defined() ? at::empty({vb.count, n, h.size(1)}, h.options()) : at::Tensor();
-  for_vocab_blocks(w.size(0), [&](int64_t b, int64_t v0, int64_t len) {
-    const at::Tensor tb = tile.narrow(1, v0, len);
-    if (dh.defined()) {
-      at::Tensor pb = partial.select(0, b);
-      at::mm_out(pb, tb, w.narrow(0, v0, len));
+  const int nt = static_cast<int>(std::min<int64_t>(threads(), vb.count));
+  at::Tensor partial = dh.defined() ? at::empty({nt, n, h.size(1)}, h.options()) : at::Tensor();
+  std::exception_ptr error;
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    const int64_t b0 = vb.count * t / T, b1 = vb.count * (t + 1) / T;
+    try {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t v0 = b * vb.size, len = std::min(vb.size, w.size(0) - v0);
+        const at::Tensor tb = tile.narrow(1, v0, len);
+        if (dh.defined()) {
+          at::Tensor pb = partial.select(0, t);
+          if (b == b0) {
+            at::mm_out(pb, tb, w.narrow(0, v0, len));
+          } else {
+            pb.addmm_(tb, w.narrow(0, v0, len));
+          }
+        }
+        if (dw.defined()) dw.narrow(0, v0, len).addmm_(tb.t(), hs);
+      }
+    } catch (...) {
+#pragma omp critical(sdpo_native_error)
+      if (!error) error = std::current_exception();
     }
-    if (dw.defined()) dw.narrow(0, v0, len).addmm_(tb.t(), hs);
-  });
+  }
+  if (error) std::rethrow_exception(error);
   if (dh.defined()) {
     c10::ParallelGuard serial(true);
     at::Tensor dhb = dh.narrow(0, r0, n);
-    at::sum_out(dhb, partial, {0});
+    at::sum_out(dhb, partial.narrow(0, 0, nt), {0});
     if (scale.defined()) dhb.mul_(scale.narrow(0, r0, n).unsqueeze(1));
   }
 }

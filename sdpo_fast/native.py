@@ -40,7 +40,7 @@ from .packing import PackedBatch
 
 __all__ = ["DEFAULT_BLOCK", "DEFAULT_KEEP_ELEMENTS", "DEFAULT_TILE_ELEMENTS", "DEFAULT_WORK_ELEMENTS", "extension", "native_sdpo_loss", "native_sequence_logprobs"]
 
-DEFAULT_TILE_ELEMENTS = 1 << 23  # sdpo_loss
+DEFAULT_TILE_ELEMENTS = 1 << 24  # sdpo_loss
 DEFAULT_BLOCK = 512  # sequence_logprobs: vocabulary columns per block
 DEFAULT_KEEP_ELEMENTS = 1 << 23  # sequence_logprobs: logits kept besides the weight-gradient-shaped buffer
 DEFAULT_WORK_ELEMENTS = 1 << 20  # sequence_logprobs: recomputed logits per block (chunk_rows * block)
