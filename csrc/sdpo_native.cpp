@@ -50,20 +50,18 @@ struct Layout {
   const int64_t* target_cands;
 };
 
-Layout check_layout(const at::Tensor& h, const at::Tensor& w, const at::Tensor& row_ptr,
-                    const at::Tensor& target_ids, const at::Tensor& target_cands) {
-  TORCH_CHECK(h.device().is_cpu() && w.device().is_cpu(), "native backend: tensors must be on the CPU");
-  TORCH_CHECK(h.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat,
-              "native backend: h and w must be fp32 (the Python wrapper converts)");
-  TORCH_CHECK(h.dim() == 2 && w.dim() == 2 && h.size(1) == w.size(1), "native backend: h [Nr, D], w [V, D]");
-  TORCH_CHECK(h.is_contiguous() && w.is_contiguous(), "native backend: h and w must be contiguous");
+// Checks the weight and the CSR arrays of Nr logit rows.
+Layout make_layout(int64_t Nr, const at::Tensor& w, const at::Tensor& row_ptr, const at::Tensor& target_ids,
+                   const at::Tensor& target_cands) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous(),
+              "native backend: w must be a contiguous fp32 [V, D] CPU tensor (the Python wrapper converts)");
   for (const auto* t : {&row_ptr, &target_ids, &target_cands}) {
     TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->is_contiguous(),
                 "native backend: row_ptr / target_ids / target_candidates must be contiguous int64 vectors");
   }
-  TORCH_CHECK(row_ptr.size(0) == h.size(0) + 1, "native backend: row_ptr must have Nr + 1 entries");
+  TORCH_CHECK(row_ptr.size(0) == Nr + 1, "native backend: row_ptr must have Nr + 1 entries");
   TORCH_CHECK(target_ids.size(0) == target_cands.size(0), "native backend: target_ids / target_candidates differ in length");
-  Layout L{h.size(0), target_ids.size(0), w.size(0), w.size(1), row_ptr.data_ptr<int64_t>(),
+  Layout L{Nr, target_ids.size(0), w.size(0), w.size(1), row_ptr.data_ptr<int64_t>(),
            target_ids.data_ptr<int64_t>(), target_cands.data_ptr<int64_t>()};
   TORCH_CHECK(L.Nr == 0 || (L.row_ptr[0] == 0 && L.row_ptr[L.Nr] == L.N), "native backend: row_ptr must span the targets");
   for (int64_t r = 0; r < L.Nr; ++r) {
@@ -74,6 +72,15 @@ Layout check_layout(const at::Tensor& h, const at::Tensor& w, const at::Tensor& 
                 " outside [0, ", L.V, ")");
   }
   return L;
+}
+
+// Layout of logit rows given as h [Nr, D] fp32.
+Layout check_layout(const at::Tensor& h, const at::Tensor& w, const at::Tensor& row_ptr,
+                    const at::Tensor& target_ids, const at::Tensor& target_cands) {
+  TORCH_CHECK(h.device().is_cpu() && h.scalar_type() == at::kFloat && h.dim() == 2 && h.is_contiguous(),
+              "native backend: h must be a contiguous fp32 [Nr, D] CPU tensor (the Python wrapper converts)");
+  TORCH_CHECK(w.dim() == 2 && h.size(1) == w.size(1), "native backend: h [Nr, D], w [V, D]");
+  return make_layout(h.size(0), w, row_ptr, target_ids, target_cands);
 }
 
 int threads() { return std::max(1, at::get_num_threads()); }
@@ -116,20 +123,34 @@ void logits_gemm(at::Tensor& tile, const at::Tensor& h, const at::Tensor& w) {
   });
 }
 
+// Logit rows taken from the packed hidden states [T, D] (any float dtype) a tile at a time, so no
+// [Nr, D] fp32 copy is held, and their dH rows written back into dhidden [T, D] the same way.
+struct HiddenRows {
+  at::Tensor hidden, logit_rows;  // [T, D], [Nr] int64
+
+  at::Tensor rows(int64_t r0, int64_t n) const {  // [n, D] fp32, contiguous
+    return hidden.index_select(0, logit_rows.narrow(0, r0, n)).to(at::kFloat).contiguous();
+  }
+  void put(at::Tensor& dhidden, int64_t r0, const at::Tensor& dh_rows) const {
+    dhidden.index_copy_(0, logit_rows.narrow(0, r0, dh_rows.size(0)), dh_rows.to(dhidden.scalar_type()));
+  }
+};
+
 int64_t rows_per_tile(int64_t tile_elements, int64_t V) { return std::max<int64_t>(1, tile_elements / V); }
 
-// Logits of rows [r0, r0 + n) into `tile` and their forward statistics (rowops.h).
-void forward_rows(const Layout& L, const at::Tensor& h, const at::Tensor& w, int64_t r0, int64_t n,
+// Logits of rows [r0, r0 + n) (hidden rows hb [n, D]) into `tile` and their forward statistics (rowops.h).
+void forward_rows(const Layout& L, const at::Tensor& hb, const at::Tensor& w, int64_t r0, int64_t n,
                   at::Tensor& tile, float* lse, float* sum, float* token_logp, bool keep_exp) {
-  logits_gemm(tile, h.narrow(0, r0, n), w);
+  logits_gemm(tile, hb, w);
   rows_softmax_stats(tile.data_ptr<float>(), n, L.V, L.row_ptr + r0, L.target_ids, lse + r0, sum + r0,
                      token_logp, keep_exp, threads());
 }
 
-// dH rows and dW from a gradient tile dlogits = diag(scale) tile (scale undefined: 1).
-void gradient_gemms(const at::Tensor& h, const at::Tensor& w, int64_t r0, int64_t n, const at::Tensor& tile,
-                    const at::Tensor& scale, at::Tensor& dh, at::Tensor& dw) {
-  const at::Tensor hb = h.narrow(0, r0, n);
+// Returns the dH rows [n, D] (undefined unless need_h) of the tile's rows (hidden rows hb) and adds their
+// part of dW into dw, from a gradient tile dlogits = diag(scale) tile (scale undefined: 1; else it is
+// indexed from row r0).
+at::Tensor gradient_gemms(const at::Tensor& hb, const at::Tensor& w, int64_t r0, int64_t n, const at::Tensor& tile,
+                          const at::Tensor& scale, bool need_h, at::Tensor& dw) {
   at::Tensor hs = hb;
   if (dw.defined() && scale.defined()) {
     c10::ParallelGuard serial(true);  // [n, D] is too small to be worth an OpenMP region (see below)
@@ -139,7 +160,7 @@ void gradient_gemms(const at::Tensor& h, const at::Tensor& w, int64_t r0, int64_
   // added in thread order afterwards: deterministic for a given thread count, [threads, n, D] floats.
   const VBlocks vb = vocab_blocks(w.size(0));
   const int nt = static_cast<int>(std::min<int64_t>(threads(), vb.count));
-  at::Tensor partial = dh.defined() ? at::empty({nt, n, h.size(1)}, h.options()) : at::Tensor();
+  at::Tensor partial = need_h ? at::empty({nt, n, hb.size(1)}, hb.options()) : at::Tensor();
   std::exception_ptr error;
 #pragma omp parallel num_threads(nt)
   {
@@ -149,7 +170,7 @@ void gradient_gemms(const at::Tensor& h, const at::Tensor& w, int64_t r0, int64_
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t v0 = b * vb.size, len = std::min(vb.size, w.size(0) - v0);
         const at::Tensor tb = tile.narrow(1, v0, len);
-        if (dh.defined()) {
+        if (need_h) {
           at::Tensor pb = partial.select(0, t);
           if (b == b0) {
             at::mm_out(pb, tb, w.narrow(0, v0, len));
@@ -165,31 +186,27 @@ void gradient_gemms(const at::Tensor& h, const at::Tensor& w, int64_t r0, int64_
     }
   }
   if (error) std::rethrow_exception(error);
-  if (dh.defined()) {
-    c10::ParallelGuard serial(true);
-    at::Tensor dhb = dh.narrow(0, r0, n);
-    at::sum_out(dhb, partial.narrow(0, 0, nt), {0});
-    if (scale.defined()) dhb.mul_(scale.narrow(0, r0, n).unsqueeze(1));
-  }
+  if (!need_h) return at::Tensor();
+  c10::ParallelGuard serial(true);
+  at::Tensor dhb = partial.sum(0);
+  if (scale.defined()) dhb.mul_(scale.narrow(0, r0, n).unsqueeze(1));
+  return dhb;
 }
 
 // Recomputing gradient pass over rows [r0, r1) given their lse and per-target upstream gradients.
-void recompute_backward(const Layout& L, const at::Tensor& h, const at::Tensor& w, int64_t r0, int64_t r1,
-                        const float* lse, const float* g_t, at::Tensor& buf, int64_t chunk, at::Tensor& dh,
+void recompute_backward(const Layout& L, const HiddenRows& src, const at::Tensor& w, int64_t r0, int64_t r1,
+                        const float* lse, const float* g_t, at::Tensor& buf, int64_t chunk, at::Tensor& dhidden,
                         at::Tensor& dw) {
   const at::Tensor none;
   for (int64_t a = r0; a < r1; a += chunk) {
     const int64_t n = std::min(chunk, r1 - a);
     at::Tensor tile = buf.narrow(0, 0, n);
-    logits_gemm(tile, h.narrow(0, a, n), w);
+    const at::Tensor hb = src.rows(a, n);
+    logits_gemm(tile, hb, w);
     rows_recompute_grad(tile.data_ptr<float>(), n, L.V, L.row_ptr + a, L.target_ids, g_t, lse + a, threads());
-    gradient_gemms(h, w, a, n, tile, none, dh, dw);
+    const at::Tensor dhb = gradient_gemms(hb, w, a, n, tile, none, dhidden.defined(), dw);
+    if (dhidden.defined()) src.put(dhidden, a, dhb);
   }
-}
-
-std::pair<at::Tensor, at::Tensor> new_grads(const Layout& L, bool need_h, bool need_w) {
-  auto f32 = at::TensorOptions().dtype(at::kFloat);
-  return {need_h ? at::empty({L.Nr, L.D}, f32) : at::Tensor(), need_w ? at::zeros({L.V, L.D}, f32) : at::Tensor()};
 }
 
 // ---- op "logprobs" -------------------------------------------------------------------------------
@@ -446,14 +463,26 @@ float group_loss_grad(const float* logp, const float* ref, const bool* mask, con
   return static_cast<float>(lse - sft_weight * logp[0] / len_w);
 }
 
-// Returns (loss_g [G], logps [G, C], dh [Nr, D] fp32 | undefined, dw [V, D] fp32 | undefined), gradients
-// of sum_g loss_g. Logit rows must be ordered group by group (packing.py does).
-std::vector<at::Tensor> sdpo_loss(const at::Tensor& h, const at::Tensor& w, const at::Tensor& row_ptr,
-                                  const at::Tensor& target_ids, const at::Tensor& target_cands,
-                                  const at::Tensor& ref_logps, const at::Tensor& cand_mask,
-                                  const at::Tensor& cand_lens, double beta, double sft_weight, bool need_h,
-                                  bool need_w, int64_t tile_elements) {
-  const Layout L = check_layout(h, w, row_ptr, target_ids, target_cands);
+// Returns (loss_g [G], logps [G, C], dhidden [T, D] in hidden's dtype | undefined, dw [V, D] fp32 |
+// undefined), gradients of sum_g loss_g, for hidden [T, D] whose logit rows are hidden[logit_rows].
+// Logit rows must be ordered group by group (packing.py does).
+std::vector<at::Tensor> sdpo_loss(const at::Tensor& hidden, const at::Tensor& logit_rows, const at::Tensor& w,
+                                  const at::Tensor& row_ptr, const at::Tensor& target_ids,
+                                  const at::Tensor& target_cands, const at::Tensor& ref_logps,
+                                  const at::Tensor& cand_mask, const at::Tensor& cand_lens, double beta,
+                                  double sft_weight, bool need_h, bool need_w, int64_t tile_elements) {
+  TORCH_CHECK(hidden.device().is_cpu() && hidden.is_floating_point() && hidden.dim() == 2 && hidden.is_contiguous(),
+              "native backend: hidden must be a contiguous floating [T, D] CPU tensor");
+  TORCH_CHECK(logit_rows.scalar_type() == at::kLong && logit_rows.dim() == 1 && logit_rows.is_contiguous(),
+              "native backend: logit_rows must be a contiguous int64 vector");
+  TORCH_CHECK(w.dim() == 2 && hidden.size(1) == w.size(1), "native backend: hidden [T, D], w [V, D]");
+  const Layout L = make_layout(logit_rows.size(0), w, row_ptr, target_ids, target_cands);
+  const int64_t* lr = logit_rows.data_ptr<int64_t>();
+  for (int64_t r = 0; r < L.Nr; ++r) {
+    TORCH_CHECK(lr[r] >= 0 && lr[r] < hidden.size(0), "native backend: logit row index ", lr[r], " outside [0, ",
+                hidden.size(0), ")");
+  }
+  const HiddenRows src{hidden, logit_rows};
   TORCH_CHECK(ref_logps.dim() == 2, "native backend: ref_logps must be [G, C]");
   const int64_t G = ref_logps.size(0), C = ref_logps.size(1);
   const at::Tensor ref = ref_logps.to(at::kFloat).contiguous();
@@ -497,7 +526,8 @@ std::vector<at::Tensor> sdpo_loss(const at::Tensor& h, const at::Tensor& w, cons
   at::Tensor loss = at::zeros({G}, f32), logps = at::zeros({G, C}, f32);
   at::Tensor lse = at::empty({L.Nr}, f32), sum = at::empty({L.Nr}, f32), tok = at::empty({L.N}, f32);
   at::Tensor g_t = at::zeros({L.N}, f32), grad = at::zeros({G, C}, f32), scale = at::empty({L.Nr}, f32);
-  auto [dh, dw] = new_grads(L, need_h, need_w);
+  at::Tensor dh = need_h ? at::zeros_like(hidden) : at::Tensor();  // [T, D]: rows without logits stay 0
+  at::Tensor dw = need_w ? at::zeros({L.V, L.D}, f32) : at::Tensor();
   at::Tensor buf = at::empty({buf_rows, L.V}, f32);
   float *lp = logps.data_ptr<float>(), *gr = grad.data_ptr<float>(), *gt = g_t.data_ptr<float>();
   float *tk = tok.data_ptr<float>(), *ls = loss.data_ptr<float>();
@@ -520,21 +550,23 @@ std::vector<at::Tensor> sdpo_loss(const at::Tensor& h, const at::Tensor& w, cons
     const int64_t n = b.r1 - b.r0;
     if (n <= max_rows) {  // whole groups in one tile: no recompute
       at::Tensor tile = buf.narrow(0, 0, n);
-      forward_rows(L, h, w, b.r0, n, tile, lse.data_ptr<float>(), sum.data_ptr<float>(), tk, true);
+      const at::Tensor hb = src.rows(b.r0, n);
+      forward_rows(L, hb, w, b.r0, n, tile, lse.data_ptr<float>(), sum.data_ptr<float>(), tk, true);
       finish_groups(b);
       if (!need_h && !need_w) continue;
       rows_fused_grad(tile.data_ptr<float>(), n, L.V, L.row_ptr + b.r0, L.target_ids, gt, sum.data_ptr<float>() + b.r0,
                       scale.data_ptr<float>() + b.r0, threads());
-      gradient_gemms(h, w, b.r0, n, tile, scale, dh, dw);
+      const at::Tensor dhb = gradient_gemms(hb, w, b.r0, n, tile, scale, need_h, dw);
+      if (need_h) src.put(dh, b.r0, dhb);
     } else {  // one group larger than the budget: score it chunk by chunk, then recompute
       for (int64_t a = b.r0; a < b.r1; a += max_rows) {
         const int64_t m = std::min(max_rows, b.r1 - a);
         at::Tensor tile = buf.narrow(0, 0, m);
-        forward_rows(L, h, w, a, m, tile, lse.data_ptr<float>(), sum.data_ptr<float>(), tk, false);
+        forward_rows(L, src.rows(a, m), w, a, m, tile, lse.data_ptr<float>(), sum.data_ptr<float>(), tk, false);
       }
       finish_groups(b);
       if (!need_h && !need_w) continue;
-      recompute_backward(L, h, w, b.r0, b.r1, lse.data_ptr<float>(), gt, buf, max_rows, dh, dw);
+      recompute_backward(L, src, w, b.r0, b.r1, lse.data_ptr<float>(), gt, buf, max_rows, dh, dw);
     }
   }
   // Groups without logit rows (not produced by pack_groups) still get their loss from zero log-probs.
@@ -555,6 +587,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(h, w, row_ptr, target_ids, target_candidates, lse, grad_logps, need_h, need_w, block, chunk_rows, kept_a, "
         "kept_b, u) -> (dh, dw)");
   m.def("sdpo_loss", &sdpo_loss,
-        "(h, w, row_ptr, target_ids, target_candidates, ref_logps, mask, lens, beta, sft_weight, need_h, need_w, "
-        "tile_elements) -> (loss_g, logps, dh, dw)");
+        "(hidden, logit_rows, w, row_ptr, target_ids, target_candidates, ref_logps, mask, lens, beta, sft_weight, "
+        "need_h, need_w, tile_elements) -> (loss_g, logps, dhidden, dw)");
 }

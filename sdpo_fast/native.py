@@ -18,7 +18,7 @@ needs a gradient), plus ``keep_elements`` more logits (default ``2**23``, 32 MiB
 are recomputed in the backward, ``chunk_rows`` (default ``2**20 // block``) at a time. When the
 weight is frozen (LoRA) the forward instead accumulates ``softmax(logits) @ weight`` ``[rows, D]``
 on the cache-hot blocks, and the backward forms dHidden from it without any logits (two GEMMs in all).
-The S-DPO loss takes ``tile_elements`` (default ``2**23``, 32 MiB of fp32 logits held at once): it
+The S-DPO loss takes ``tile_elements`` (default ``2**24``, 64 MiB of fp32 logits held at once): it
 keeps every group whose logit rows fit it in one tile and reuses the tile for the gradients (three
 GEMMs); larger groups recompute their logits. With a frozen weight it runs the plain op's projected
 forward instead (``chunk_rows`` is then the recomputed rows per GEMM; ``tile_elements`` is unused).
@@ -115,12 +115,16 @@ def _tile(tile_elements: int | None, chunk_rows: int | None, vocab: int, default
     return int(tile_elements)
 
 
-def _prepare(hidden: torch.Tensor, weight: torch.Tensor, batch: PackedBatch):
-    """fp32 contiguous logit rows ``h [Nr, D]`` and weight ``[V, D]`` (no copy when already so)."""
+def _check_device(hidden: torch.Tensor, weight: torch.Tensor):
     if hidden.device.type != "cpu":
         raise ValueError(f"the native backend runs on CPU tensors, got {hidden.device}")
     if not hidden.dtype.is_floating_point or not weight.dtype.is_floating_point:
         raise ValueError(f"hidden and weight must be floating point, got {hidden.dtype} and {weight.dtype}")
+
+
+def _prepare(hidden: torch.Tensor, weight: torch.Tensor, batch: PackedBatch):
+    """fp32 contiguous logit rows ``h [Nr, D]`` and weight ``[V, D]`` (no copy when already so)."""
+    _check_device(hidden, weight)
     h = hidden.detach().index_select(0, batch.logit_rows).float().contiguous()
     w = weight.detach().float().contiguous()
     return h, w
@@ -212,16 +216,18 @@ def native_sdpo_loss(hidden, weight, batch: PackedBatch, ref_logps, beta, sft_we
     """``"sdpo_loss"`` op (fused_loss.py): ``(loss_g [G], logps [G, C], dhidden [T, D] | None,
     dweight [V, D] | None)``, gradients of ``sum_g loss_g``."""
     tile = _tile(tile_elements, chunk_rows, weight.shape[0], DEFAULT_TILE_ELEMENTS)
-    h, w = _prepare(hidden, weight, batch)
     if bool((batch.candidate_lens[:, 0] < 1).any()):
         raise ValueError("every group needs a chosen candidate (column 0) with at least one token")
     if need_h and not need_w:
+        h, w = _prepare(hidden, weight, batch)
         return _projected_sdpo_loss(hidden, h, w, batch, ref_logps, beta, sft_weight, chunk_rows)
-    loss_g, logps, dh, dw = extension.sdpo_loss(
-        h, w, batch.row_ptr, batch.target_ids, batch.target_candidates, ref_logps.detach().float().contiguous(),
-        batch.candidate_mask, batch.candidate_lens, float(beta), float(sft_weight), bool(need_h), bool(need_w), tile,
+    _check_device(hidden, weight)
+    # the kernel gathers the logit rows tile by tile: no [rows, D] fp32 copy of them is held
+    loss_g, logps, dhidden, dw = extension.sdpo_loss(
+        hidden.detach().contiguous(), batch.logit_rows, weight.detach().float().contiguous(), batch.row_ptr,
+        batch.target_ids, batch.target_candidates, ref_logps.detach().float().contiguous(), batch.candidate_mask,
+        batch.candidate_lens, float(beta), float(sft_weight), bool(need_h), bool(need_w), tile,
     )
-    dhidden = _scatter_dhidden(hidden, batch, dh) if need_h else None
     dweight = dw.to(weight.dtype) if need_w else None
     return loss_g, logps, dhidden, dweight
 
