@@ -6,14 +6,15 @@
 // with multi-threaded BLAS GEMMs whose output blocks stay in cache; see its section.
 //
 // The S-DPO loss ("sdpo_loss") works on logits tiles of at most `tile_elements` floats:
-//   * GEMMs (tile = h W^T, dH = tile W, dW += tile^T h) are split into vocabulary blocks, one OpenMP
-//     task each (dynamic schedule), each a single-threaded BLAS call. A tile has few rows (one group:
-//     ~240 at the benchmark shape), and letting the BLAS split such a GEMM over 2 threads costs ~35%
-//     more CPU time than 1 thread (measured here: logits GEMM [241, 512] x [512, 32000], 0.98 s vs
-//     0.74 s of CPU per 1928 rows); vocabulary blocks also balance load when cores are shared.
-//     dW is one fp32 accumulator: the blocks own disjoint rows of it, so there are no per-thread
-//     copies and no atomics. dH sums per-block partials in block order, so results are
-//     deterministic.
+//   * GEMMs (tile = h W^T, dH = tile W, dW += tile^T h) are split into vocabulary blocks, each a
+//     single-threaded BLAS call on one OpenMP thread. A tile has few rows (two groups: ~480 at the
+//     benchmark shape), and letting the BLAS split such a GEMM over 2 threads costs ~35% more CPU
+//     time than 1 thread (measured here: logits GEMM [241, 512] x [512, 32000], 0.98 s vs 0.74 s of
+//     CPU per 1928 rows). dW is one fp32 accumulator: the blocks own disjoint rows of it, so there
+//     are no per-thread copies and no atomics. dH is summed per thread over a fixed run of blocks,
+//     then over threads in order: deterministic for a given thread count.
+//   * The tile's hidden rows are gathered from hidden [T, D] (and converted to fp32) per tile, and
+//     its dH rows written back into dhidden [T, D]: no [rows, D] fp32 copies are held.
 //   * The per-row passes (max, exp, sums, gradient rows) run in rowops.cpp, OpenMP over rows.
 //   * Few OpenMP regions per tile: with the default (active) wait policy an idle worker spins at every
 //     region's end, which on a 2-vCPU machine shared with other work cost ~20% of the step (2.52 s vs
