@@ -148,10 +148,10 @@ void forward_rows(const Layout& L, const at::Tensor& hb, const at::Tensor& w, in
 }
 
 // Returns the dH rows [n, D] (undefined unless need_h) of the tile's rows (hidden rows hb) and adds their
-// part of dW into dw, from a gradient tile dlogits = diag(scale) tile (scale undefined: 1; else it is
-// indexed from row r0).
+// part of dW into dw (or writes it, when dw_fresh: dw is then uninitialised), from a gradient tile
+// dlogits = diag(scale) tile (scale undefined: 1; else it is indexed from row r0).
 at::Tensor gradient_gemms(const at::Tensor& hb, const at::Tensor& w, int64_t r0, int64_t n, const at::Tensor& tile,
-                          const at::Tensor& scale, bool need_h, at::Tensor& dw) {
+                          const at::Tensor& scale, bool need_h, at::Tensor& dw, bool dw_fresh) {
   at::Tensor hs = hb;
   if (dw.defined() && scale.defined()) {
     c10::ParallelGuard serial(true);  // [n, D] is too small to be worth an OpenMP region (see below)
@@ -179,7 +179,14 @@ at::Tensor gradient_gemms(const at::Tensor& hb, const at::Tensor& w, int64_t r0,
             pb.addmm_(tb, w.narrow(0, v0, len));
           }
         }
-        if (dw.defined()) dw.narrow(0, v0, len).addmm_(tb.t(), hs);
+        if (dw.defined()) {
+          at::Tensor dwb = dw.narrow(0, v0, len);
+          if (dw_fresh) {
+            at::mm_out(dwb, tb.t(), hs);
+          } else {
+            dwb.addmm_(tb.t(), hs);
+          }
+        }
       }
     } catch (...) {
 #pragma omp critical(sdpo_native_error)
@@ -197,7 +204,7 @@ at::Tensor gradient_gemms(const at::Tensor& hb, const at::Tensor& w, int64_t r0,
 // Recomputing gradient pass over rows [r0, r1) given their lse and per-target upstream gradients.
 void recompute_backward(const Layout& L, const HiddenRows& src, const at::Tensor& w, int64_t r0, int64_t r1,
                         const float* lse, const float* g_t, at::Tensor& buf, int64_t chunk, at::Tensor& dhidden,
-                        at::Tensor& dw) {
+                        at::Tensor& dw, bool& dw_fresh) {
   const at::Tensor none;
   for (int64_t a = r0; a < r1; a += chunk) {
     const int64_t n = std::min(chunk, r1 - a);
@@ -205,7 +212,8 @@ void recompute_backward(const Layout& L, const HiddenRows& src, const at::Tensor
     const at::Tensor hb = src.rows(a, n);
     logits_gemm(tile, hb, w);
     rows_recompute_grad(tile.data_ptr<float>(), n, L.V, L.row_ptr + a, L.target_ids, g_t, lse + a, threads());
-    const at::Tensor dhb = gradient_gemms(hb, w, a, n, tile, none, dhidden.defined(), dw);
+    const at::Tensor dhb = gradient_gemms(hb, w, a, n, tile, none, dhidden.defined(), dw, dw_fresh);
+    dw_fresh = false;
     if (dhidden.defined()) src.put(dhidden, a, dhb);
   }
 }
@@ -528,7 +536,9 @@ std::vector<at::Tensor> sdpo_loss(const at::Tensor& hidden, const at::Tensor& lo
   at::Tensor lse = at::empty({L.Nr}, f32), sum = at::empty({L.Nr}, f32), tok = at::empty({L.N}, f32);
   at::Tensor g_t = at::zeros({L.N}, f32), grad = at::zeros({G, C}, f32), scale = at::empty({L.Nr}, f32);
   at::Tensor dh = need_h ? at::zeros_like(hidden) : at::Tensor();  // [T, D]: rows without logits stay 0
-  at::Tensor dw = need_w ? at::zeros({L.V, L.D}, f32) : at::Tensor();
+  // dW is written by the first gradient pass (no zero fill: one 4 * V * D-byte pass less), then added to
+  at::Tensor dw = need_w ? at::empty({L.V, L.D}, f32) : at::Tensor();
+  bool dw_fresh = true;
   at::Tensor buf = at::empty({buf_rows, L.V}, f32);
   float *lp = logps.data_ptr<float>(), *gr = grad.data_ptr<float>(), *gt = g_t.data_ptr<float>();
   float *tk = tok.data_ptr<float>(), *ls = loss.data_ptr<float>();
@@ -557,7 +567,8 @@ std::vector<at::Tensor> sdpo_loss(const at::Tensor& hidden, const at::Tensor& lo
       if (!need_h && !need_w) continue;
       rows_fused_grad(tile.data_ptr<float>(), n, L.V, L.row_ptr + b.r0, L.target_ids, gt, sum.data_ptr<float>() + b.r0,
                       scale.data_ptr<float>() + b.r0, threads());
-      const at::Tensor dhb = gradient_gemms(hb, w, b.r0, n, tile, scale, need_h, dw);
+      const at::Tensor dhb = gradient_gemms(hb, w, b.r0, n, tile, scale, need_h, dw, dw_fresh);
+      dw_fresh = false;
       if (need_h) src.put(dh, b.r0, dhb);
     } else {  // one group larger than the budget: score it chunk by chunk, then recompute
       for (int64_t a = b.r0; a < b.r1; a += max_rows) {
@@ -567,9 +578,10 @@ std::vector<at::Tensor> sdpo_loss(const at::Tensor& hidden, const at::Tensor& lo
       }
       finish_groups(b);
       if (!need_h && !need_w) continue;
-      recompute_backward(L, src, w, b.r0, b.r1, lse.data_ptr<float>(), gt, buf, max_rows, dh, dw);
+      recompute_backward(L, src, w, b.r0, b.r1, lse.data_ptr<float>(), gt, buf, max_rows, dh, dw, dw_fresh);
     }
   }
+  if (need_w && dw_fresh) dw.zero_();  // no logit rows at all
   // Groups without logit rows (not produced by pack_groups) still get their loss from zero log-probs.
   for (int64_t g = 0; g < G; ++g) {
     if (g_begin[g] < 0) ls[g] = group_loss_grad(lp + g * C, rf + g * C, mk + g * C, ln + g * C, C, beta, sft_weight, gr + g * C);
