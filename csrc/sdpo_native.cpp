@@ -374,8 +374,9 @@ std::vector<at::Tensor> logprobs_forward(const at::Tensor& h, const at::Tensor& 
 
 // dH of the projected forward (frozen weight): with u[r] = softmax(logits[r]) W from the forward,
 // dH[r] = sum_t g_t W[id_t] - g_row[r] u[r], no logits needed.
-at::Tensor projected_backward(const Layout& L, const at::Tensor& w, const at::Tensor& u, const at::Tensor& grad_logps,
-                              const at::Tensor& target_cands, bool need_h, bool need_w) {
+at::Tensor projected_backward(const Layout& L, const at::Tensor& w, const at::Tensor& u,
+                              const at::Tensor& grad_logps, const at::Tensor& target_cands, bool need_h,
+                              bool need_w) {
   TORCH_CHECK(!need_w, "native backend: the projected forward (frozen weight) cannot give dW");
   TORCH_CHECK(u.scalar_type() == at::kFloat && u.is_contiguous() && u.dim() == 2 && u.size(0) == L.Nr &&
                   u.size(1) == L.D, "native backend: u must be the forward's [Nr, D] projection");
@@ -410,13 +411,16 @@ std::vector<at::Tensor> logprobs_backward(const at::Tensor& h, const at::Tensor&
   const Layout L = check_layout(h, w, row_ptr, target_ids, target_cands);
   TORCH_CHECK(block >= 1 && chunk_rows >= 1, "native backend: block and chunk_rows must be >= 1");
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == L.Nr, "native backend: lse [Nr] fp32");
-  if (u_opt.has_value() && u_opt->defined()) return {projected_backward(L, w, *u_opt, grad_logps, target_cands, need_h, need_w), at::Tensor()};
+  if (u_opt.has_value() && u_opt->defined()) {
+    return {projected_backward(L, w, *u_opt, grad_logps, target_cands, need_h, need_w), at::Tensor()};
+  }
   const at::Tensor kept_a = kept_a_opt.has_value() ? *kept_a_opt : at::Tensor();
   const at::Tensor kept_b = kept_b_opt.has_value() ? *kept_b_opt : at::Tensor();
   SeqSegments sg{kept_a.defined() ? std::min(L.Nr, L.D) : 0, 0, 0};
   if (kept_a.defined()) {
     TORCH_CHECK(kept_a.scalar_type() == at::kFloat && kept_a.is_contiguous() && kept_a.dim() == 2 &&
-                    kept_a.size(0) == L.V && kept_a.size(1) == L.D, "native backend: kept_a must be the forward's [V, D] buffer");
+                    kept_a.size(0) == L.V && kept_a.size(1) == L.D,
+                "native backend: kept_a must be the forward's [V, D] buffer");
   }
   if (kept_b.defined()) {
     TORCH_CHECK(kept_b.scalar_type() == at::kFloat && kept_b.is_contiguous() && kept_b.dim() == 1 && L.V > 0 &&

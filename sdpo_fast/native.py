@@ -38,7 +38,10 @@ from . import backends
 from .fused_loss import group_loss_and_grad
 from .packing import PackedBatch
 
-__all__ = ["DEFAULT_BLOCK", "DEFAULT_KEEP_ELEMENTS", "DEFAULT_TILE_ELEMENTS", "DEFAULT_WORK_ELEMENTS", "extension", "native_sdpo_loss", "native_sequence_logprobs"]
+__all__ = [
+    "DEFAULT_BLOCK", "DEFAULT_KEEP_ELEMENTS", "DEFAULT_TILE_ELEMENTS", "DEFAULT_WORK_ELEMENTS", "extension",
+    "native_sdpo_loss", "native_sequence_logprobs",
+]
 
 DEFAULT_TILE_ELEMENTS = 1 << 24  # sdpo_loss
 DEFAULT_BLOCK = 512  # sequence_logprobs: vocabulary columns per block
