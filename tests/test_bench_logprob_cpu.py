@@ -2,25 +2,18 @@
 eager's loss (an independent check of the native and chunked paths on the benchmark's own inputs),
 and the per-round ratios are reported. Timings are never asserted."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--groups", "2", "--cands", "3", "--cand-len", "4", "--prompt-len", "5", "--dim", "32", "--vocab", "300",
         "--repeats", "3"]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_logprob_cpu", ROOT / "benchmarks" / "bench_logprob_cpu.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_logprob_cpu"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_logprob_cpu")
 
 
 @pytest.mark.parametrize("frozen", [False, True], ids=["trainable-weight", "frozen-weight"])

@@ -4,15 +4,12 @@ Timings are never asserted; the benchmark itself checks that (b) and (c) give (a
 and gradient norm (strict in float32), and these tests check that those checks ran and passed.
 """
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "--preset", "cpu", "--device", "cpu", "--layers", "1", "--hidden", "32", "--intermediate", "64",
     "--heads", "4", "--kv-heads", "2", "--vocab", "257", "--prompt-lens", "7", "--cand-len", "3",
@@ -22,11 +19,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_step", ROOT / "benchmarks" / "bench_step.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_step"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_step")
 
 
 def reference_flce(device):
