@@ -129,37 +129,22 @@ void rows_recompute_grad(float* x, int64_t n, int64_t V, const int64_t* row_ptr,
 // Blocks are narrow (hundreds of columns), so one OpenMP region pays off only above this much work.
 constexpr int64_t kParallelElements = 1 << 15;
 
-void rows_block_stats(const float* x, int64_t n, int64_t len, int64_t v0, const int64_t* row_ptr,
-                      const int64_t* target_ids, float* m, float* s, float* token_logit, int num_threads) {
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (n * len >= kParallelElements)
-  for (int64_t r = 0; r < n; ++r) {
-    const float* xr = x + r * len;
-    const float m_new = std::max(m[r], row_max(xr, len));
-    // the running sum is rescaled to the new maximum (nothing to rescale before the first block)
-    const float carried = m[r] == -std::numeric_limits<float>::infinity() ? 0.0f : s[r] * std::exp(m[r] - m_new);
-    s[r] = carried + row_sum_exp(xr, len, m_new);
-    m[r] = m_new;
-    for (int64_t t = row_ptr[r]; t < row_ptr[r + 1]; ++t) {
-      const int64_t c = target_ids[t] - v0;
-      if (c >= 0 && c < len) token_logit[t] = xr[c];
-    }
-  }
-}
-
-void rows_block_exp(float* x, int64_t n, int64_t len, int64_t v0, const int64_t* row_ptr,
-                    const int64_t* target_ids, float* m, float* s, float* token_logit, float* alpha,
-                    int num_threads) {
+void rows_block_stats(float* x, int64_t n, int64_t len, int64_t v0, const int64_t* row_ptr,
+                      const int64_t* target_ids, float* m, float* s, float* token_logit, float* alpha,
+                      int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (n * len >= kParallelElements)
   for (int64_t r = 0; r < n; ++r) {
     float* xr = x + r * len;
     const float m_new = std::max(m[r], row_max(xr, len));
-    alpha[r] = m[r] == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(m[r] - m_new);
-    for (int64_t t = row_ptr[r]; t < row_ptr[r + 1]; ++t) {
+    // the running sum is rescaled to the new maximum (nothing to rescale before the first block)
+    const float a = m[r] == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(m[r] - m_new);
+    for (int64_t t = row_ptr[r]; t < row_ptr[r + 1]; ++t) {  // read before x is overwritten
       const int64_t c = target_ids[t] - v0;
       if (c >= 0 && c < len) token_logit[t] = xr[c];
     }
-    s[r] = s[r] * alpha[r] + row_exp_sum(xr, len, m_new);
+    s[r] = s[r] * a + (alpha != nullptr ? row_exp_sum(xr, len, m_new) : row_sum_exp(xr, len, m_new));
     m[r] = m_new;
+    if (alpha != nullptr) alpha[r] = a;
   }
 }
 

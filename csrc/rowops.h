@@ -37,16 +37,13 @@ void rows_recompute_grad(float* x, int64_t n, int64_t V, const int64_t* row_ptr,
 //
 // Online softmax statistics, updated block after block: m[r] <- max(m[r], max of the block) and
 // s[r] <- sum of exp(logit - m[r]) over the blocks seen so far (m = -inf, s = 0 before the first);
-// token_logit[t] = x[r, id_t - v0] for the row's targets whose ids fall in the block.
-void rows_block_stats(const float* x, int64_t n, int64_t len, int64_t v0, const int64_t* row_ptr,
-                      const int64_t* target_ids, float* m, float* s, float* token_logit, int num_threads);
-
-// As rows_block_stats, and the block is overwritten with exp(x - m[r]) at the updated m[r];
-// alpha[r] = exp(m_before - m_after) (0 before the first block) rescales what was accumulated with
-// the previous maximum.
-void rows_block_exp(float* x, int64_t n, int64_t len, int64_t v0, const int64_t* row_ptr,
-                    const int64_t* target_ids, float* m, float* s, float* token_logit, float* alpha,
-                    int num_threads);
+// token_logit[t] = x[r, id_t - v0] for the row's targets whose ids fall in the block. With alpha
+// (non-null) the block is also overwritten with exp(x - m[r]) at the updated m[r], and
+// alpha[r] = exp(m_before - m_after) (0 before the first block) rescales what the caller accumulated
+// with the previous maximum; without it x is only read.
+void rows_block_stats(float* x, int64_t n, int64_t len, int64_t v0, const int64_t* row_ptr,
+                      const int64_t* target_ids, float* m, float* s, float* token_logit, float* alpha,
+                      int num_threads);
 
 // Gradient of a block in place: x[r] <- -g_row[r] * exp(x[r] - lse[r]) + sum_t g_t onehot(id_t - v0)
 // over the row's targets in the block (g_row[r] = sum of the row's g_t).

@@ -38,7 +38,6 @@
 namespace {
 
 using sdpo_native::rows_fused_grad;
-using sdpo_native::rows_block_exp;
 using sdpo_native::rows_block_grad;
 using sdpo_native::rows_block_stats;
 using sdpo_native::rows_recompute_grad;
@@ -276,13 +275,9 @@ void seq_forward_pass(const Layout& L, const at::Tensor& h, const at::Tensor& w,
     const at::Tensor wb = w.narrow(0, v0, len);
     for_segments(L, sg, v0, len, kept_a, kept_b, work, [&](at::Tensor x, int64_t r0, int64_t n, bool) {
       at::mm_out(x, h.narrow(0, r0, n), wb.t());
-      if (!project) {
-        rows_block_stats(x.data_ptr<float>(), n, len, v0, L.row_ptr + r0, L.target_ids, mp + r0, sp + r0, tk,
-                         threads());
-        return;
-      }
-      rows_block_exp(x.data_ptr<float>(), n, len, v0, L.row_ptr + r0, L.target_ids, mp + r0, sp + r0, tk,
-                     alpha.data(), threads());
+      rows_block_stats(x.data_ptr<float>(), n, len, v0, L.row_ptr + r0, L.target_ids, mp + r0, sp + r0, tk,
+                       project ? alpha.data() : nullptr, threads());
+      if (!project) return;
       float* ub = u.data_ptr<float>() + r0 * L.D;
       for (int64_t r = 0; r < n; ++r) {
         if (alpha[r] == 1.0f) continue;
