@@ -34,7 +34,7 @@ import triton.language as tl
 
 from sdpo_fast import backends
 from sdpo_fast.fused_loss import group_loss_and_grad
-from sdpo_fast.logprobs import kernel_inputs
+from sdpo_fast.logprobs import backend_options, kernel_inputs
 from sdpo_fast.packing import PackedBatch
 
 __all__ = ["triton_sequence_logprobs", "triton_sdpo_loss", "logprobs_forward", "logprobs_grad"]
@@ -190,11 +190,7 @@ def _dlogits_kernel(h_ptr, w_ptr, rows_ptr, x_ptr, lse_ptr, g_row_ptr, row_ptr_p
 
 
 def _options(device: torch.device, options: dict) -> dict:
-    unknown = set(options) - _OPTION_NAMES
-    if unknown:
-        raise ValueError(f"unknown triton option(s) {sorted(unknown)}; known: {sorted(_OPTION_NAMES)}")
-    opts = dict(_CUDA_DEFAULTS if device.type == "cuda" else _CPU_DEFAULTS)
-    opts.update({k: v for k, v in options.items() if v is not None})
+    opts = backend_options("triton", device, options, _OPTION_NAMES, _CUDA_DEFAULTS, _CPU_DEFAULTS)
     for name in ("block_m", "block_v", "block_d", "block_t"):
         v = opts[name]
         if not isinstance(v, int) or v < 1 or v & (v - 1):

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from sdpo_fast import backends
 from sdpo_fast.fused_loss import group_loss_and_grad
-from sdpo_fast.logprobs import kernel_inputs
+from sdpo_fast.logprobs import backend_options, kernel_inputs
 from sdpo_fast.packing import PackedBatch
 
 __all__ = ["cublas_sequence_logprobs", "cublas_sdpo_loss", "plan_chunks"]
@@ -158,11 +158,7 @@ def plan_chunks(batch: PackedBatch, max_rows: int, whole_groups: bool):
 
 
 def _options(device: torch.device, options: dict) -> dict:
-    unknown = set(options) - _OPTION_NAMES
-    if unknown:
-        raise ValueError(f"unknown cublas option(s) {sorted(unknown)}; known: {sorted(_OPTION_NAMES)}")
-    opts = dict(_CUDA_DEFAULTS if device.type == "cuda" else _CPU_DEFAULTS)
-    opts.update({k: v for k, v in options.items() if v is not None})
+    opts = backend_options("cublas", device, options, _OPTION_NAMES, _CUDA_DEFAULTS, _CPU_DEFAULTS)
     b = opts["block"]
     if not isinstance(b, int) or b < 16 or b & (b - 1):
         raise ValueError(f"block must be a power of two >= 16, got {b!r}")

@@ -35,6 +35,18 @@ def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, batch: PackedBatch
     return hidden
 
 
+def backend_options(backend: str, device: torch.device, options: dict, known: set, cuda_defaults: dict,
+                    cpu_defaults: dict) -> dict:
+    """A kernel backend's options: its defaults for the device, updated with the given ones that are
+    not None; unknown names raise ValueError. Value checks stay with each backend."""
+    unknown = set(options) - known
+    if unknown:
+        raise ValueError(f"unknown {backend} option(s) {sorted(unknown)}; known: {sorted(known)}")
+    opts = dict(cuda_defaults if device.type == "cuda" else cpu_defaults)
+    opts.update({k: v for k, v in options.items() if v is not None})
+    return opts
+
+
 def kernel_inputs(hidden: torch.Tensor, weight: torch.Tensor, backend: str):
     """``(hidden, weight)`` as the kernel backends take them: fp32/fp16/bf16, one dtype, last dim
     contiguous (copied only when it is not)."""

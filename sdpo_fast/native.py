@@ -108,14 +108,8 @@ def _tile(tile_elements: int | None, chunk_rows: int | None, vocab: int, default
     if tile_elements is not None and chunk_rows is not None:
         raise ValueError("give tile_elements or chunk_rows, not both")
     if chunk_rows is not None:
-        if chunk_rows < 1:
-            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-        return chunk_rows * vocab
-    if tile_elements is None:
-        return default
-    if tile_elements < 1:
-        raise ValueError(f"tile_elements must be >= 1, got {tile_elements}")
-    return int(tile_elements)
+        return _positive("chunk_rows", chunk_rows, 1) * vocab
+    return _positive("tile_elements", tile_elements, default)
 
 
 def _check_device(hidden: torch.Tensor, weight: torch.Tensor):
