@@ -52,7 +52,7 @@ def _native_extension():
 
     ext = CppExtension(
         name="sdpo_fast._native",
-        sources=["csrc/sdpo_native.cpp", "csrc/rowops.cpp"],
+        sources=["csrc/sdpo_native.cpp", "csrc/rowops.cpp", "csrc/gemm.cpp"],
         extra_compile_args=["-O3", "-fopenmp"],
         extra_link_args=["-fopenmp"],
     )

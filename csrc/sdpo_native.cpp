@@ -33,10 +33,12 @@
 #include <limits>
 #include <vector>
 
+#include "gemm.h"
 #include "rowops.h"
 
 namespace {
 
+using sdpo_native::gemm;
 using sdpo_native::rows_fused_grad;
 using sdpo_native::rows_block_grad;
 using sdpo_native::rows_block_stats;
@@ -119,7 +121,7 @@ void for_vocab_blocks(int64_t V, const Fn& fn) {
 void logits_gemm(at::Tensor& tile, const at::Tensor& h, const at::Tensor& w) {
   for_vocab_blocks(w.size(0), [&](int64_t, int64_t v0, int64_t len) {
     at::Tensor out = tile.narrow(1, v0, len);
-    at::mm_out(out, h, w.narrow(0, v0, len).t());
+    gemm(out, h, w.narrow(0, v0, len).t(), false);
   });
 }
 
@@ -172,19 +174,11 @@ at::Tensor gradient_gemms(const at::Tensor& hb, const at::Tensor& w, int64_t r0,
         const at::Tensor tb = tile.narrow(1, v0, len);
         if (need_h) {
           at::Tensor pb = partial.select(0, t);
-          if (b == b0) {
-            at::mm_out(pb, tb, w.narrow(0, v0, len));
-          } else {
-            pb.addmm_(tb, w.narrow(0, v0, len));
-          }
+          gemm(pb, tb, w.narrow(0, v0, len), b != b0);
         }
         if (dw.defined()) {
           at::Tensor dwb = dw.narrow(0, v0, len);
-          if (dw_fresh) {
-            at::mm_out(dwb, tb.t(), hs);
-          } else {
-            dwb.addmm_(tb.t(), hs);
-          }
+          gemm(dwb, tb.t(), hs, !dw_fresh);
         }
       }
     } catch (...) {
@@ -274,7 +268,7 @@ void seq_forward_pass(const Layout& L, const at::Tensor& h, const at::Tensor& w,
     const int64_t len = std::min(block, L.V - v0);
     const at::Tensor wb = w.narrow(0, v0, len);
     for_segments(L, sg, v0, len, kept_a, kept_b, work, [&](at::Tensor x, int64_t r0, int64_t n, bool) {
-      at::mm_out(x, h.narrow(0, r0, n), wb.t());
+      gemm(x, h.narrow(0, r0, n), wb.t(), false);
       rows_block_stats(x.data_ptr<float>(), n, len, v0, L.row_ptr + r0, L.target_ids, mp + r0, sp + r0, tk,
                        project ? alpha.data() : nullptr, threads());
       if (!project) return;
@@ -283,7 +277,8 @@ void seq_forward_pass(const Layout& L, const at::Tensor& h, const at::Tensor& w,
         if (alpha[r] == 1.0f) continue;
         for (int64_t d = 0; d < L.D; ++d) ub[r * L.D + d] *= alpha[r];
       }
-      u.narrow(0, r0, n).addmm_(x, wb);
+      at::Tensor ub_rows = u.narrow(0, r0, n);
+      gemm(ub_rows, x, wb, true);
     });
   }
 }
@@ -304,16 +299,15 @@ void seq_backward_pass(const Layout& L, const at::Tensor& h, const at::Tensor& w
     bool first = true;
     for_segments(L, sg, v0, len, kept_a, kept_b, work, [&](at::Tensor x, int64_t r0, int64_t n, bool kept) {
       const at::Tensor hb = h.narrow(0, r0, n);
-      if (!kept) at::mm_out(x, hb, wb.t());
+      if (!kept) gemm(x, hb, wb.t(), false);
       rows_block_grad(x.data_ptr<float>(), n, len, v0, L.row_ptr + r0, L.target_ids, gt, g_row + r0, ls + r0,
                       threads());
-      if (need_h) dh.narrow(0, r0, n).addmm_(x, wb);
+      if (need_h) {
+        at::Tensor dh_rows = dh.narrow(0, r0, n);
+        gemm(dh_rows, x, wb, true);
+      }
       if (need_w) {
-        if (first) {
-          at::mm_out(dwb, x.t(), hb);
-        } else {
-          dwb.addmm_(x.t(), hb);
-        }
+        gemm(dwb, x.t(), hb, !first);
       }
       first = false;
     });
@@ -592,6 +586,9 @@ std::vector<at::Tensor> sdpo_loss(const at::Tensor& hidden, const at::Tensor& lo
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sdpo_fast native CPU kernels (fused log-probs and S-DPO loss); see csrc/sdpo_native.cpp";
+  // settles the GEMM library here, outside any OpenMP region (gemm.cpp)
+  m.def("gemm_engine", &sdpo_native::gemm_engine, "the library the kernels' GEMMs run on: 'onednn' or 'blas'");
+  sdpo_native::gemm_engine();
   m.def("logprobs_forward", &logprobs_forward,
         "(h, w, row_ptr, target_ids, target_candidates, num_cands, keep_in_grad, keep_elements, block, chunk_rows, "
         "project) -> (lse, logps, kept_a, kept_b, u)");

@@ -47,7 +47,7 @@ DEFAULT_TILE_ELEMENTS = 1 << 24  # sdpo_loss
 DEFAULT_BLOCK = 512  # sequence_logprobs: vocabulary columns per block
 DEFAULT_KEEP_ELEMENTS = 1 << 23  # sequence_logprobs: logits kept besides the weight-gradient-shaped buffer
 DEFAULT_WORK_ELEMENTS = 1 << 20  # sequence_logprobs: recomputed logits per block (chunk_rows * block)
-SOURCES = ("sdpo_native.cpp", "rowops.cpp")
+SOURCES = ("sdpo_native.cpp", "rowops.cpp", "gemm.cpp")
 # The checkout's csrc/ (editable installs), else the copy installed as sdpo_fast/_csrc (setup.py).
 _HERE = Path(__file__).resolve().parent
 _CSRC = next((d for d in (_HERE.parent / "csrc", _HERE / "_csrc") if (d / SOURCES[0]).is_file()), _HERE.parent / "csrc")

@@ -483,7 +483,7 @@ def test_wheel_ships_the_sources_for_a_first_use_build(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         z.extractall(site)
-    assert {"sdpo_fast/_csrc/sdpo_native.cpp", "sdpo_fast/_csrc/rowops.cpp", "sdpo_fast/_csrc/rowops.h"} <= names
+    assert {f"sdpo_fast/_csrc/{n}" for n in ("sdpo_native.cpp", "rowops.cpp", "rowops.h", "gemm.cpp", "gemm.h")} <= names
     assert not any(n.endswith(".so") for n in names)
     # The compiler is stubbed: only which sources it would be given matters here (a real build takes a minute).
     code = (
@@ -508,5 +508,5 @@ def test_wheel_ships_the_sources_for_a_first_use_build(tmp_path):
                          timeout=120)
     assert res.returncode == 0, res.stderr
     sources = [Path(s) for s in res.stdout.split()]
-    assert [s.name for s in sources] == ["sdpo_native.cpp", "rowops.cpp"]
+    assert [s.name for s in sources] == ["sdpo_native.cpp", "rowops.cpp", "gemm.cpp"]
     assert all(s.parent == site / "sdpo_fast" / "_csrc" and s.is_file() for s in sources), sources
