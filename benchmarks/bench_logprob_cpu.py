@@ -11,6 +11,8 @@ Rows, all in this process, same inputs:
   native_logprobs  ``sequence_logprobs(backend="native")`` + ``sdpo_loss`` + autograd backward
                  (its backward recomputes the logits: four GEMMs)
   native_fused   ``fused_sdpo_loss(backend="native")`` (whole groups per tile, three GEMMs)
+  native_*_blas  the same two with the native GEMMs on torch's BLAS instead of oneDNN
+                 (``torch.backends.mkldnn.enabled = False``; only when oneDNN is the default engine)
 and the bare GEMMs of eager's shapes (logits [N, D] x [D, V], dHidden [N, V] x [V, D], dW [V, N] x [N, D]).
 
 Time: wall-clock median over ``--repeats`` after one warm-up; the rows and the GEMMs are timed in
@@ -29,6 +31,7 @@ the figure without them (the working memory of the op).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -41,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-ROWS = ("eager", "torch_chunked", "native_logprobs", "native_fused")
+ROWS = ("eager", "torch_chunked", "native_logprobs", "native_fused", "native_logprobs_blas", "native_fused_blas")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -99,14 +102,28 @@ STEPS = {
     "torch_chunked": _fused_step("torch"),
     "native_logprobs": _logprobs_step("native"),
     "native_fused": _fused_step("native"),
+    "native_logprobs_blas": _logprobs_step("native"),
+    "native_fused_blas": _fused_step("native"),
 }
+
+
+@contextlib.contextmanager
+def _gemm_library(name):
+    """The ``*_blas`` rows run with oneDNN switched off, so the native GEMMs take torch's BLAS."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled and not name.endswith("_blas")
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
 
 
 def run_step(name, batch, hidden, weight, ref):
     """One forward + backward; returns the loss (gradients land in hidden.grad / weight.grad)."""
     hidden.grad = weight.grad = None
-    loss = STEPS[name](batch, hidden, weight, ref)
-    loss.backward()
+    with _gemm_library(name):
+        loss = STEPS[name](batch, hidden, weight, ref)
+        loss.backward()
     return loss.detach()
 
 
@@ -209,7 +226,13 @@ def main(argv=None):
     batch, hidden, weight, ref = make_inputs(**_shape_kwargs(shape_args))
     hidden.requires_grad_(True)
     weight.requires_grad_(not args.frozen_weight)
-    rows = [r for r in ROWS if not r.startswith("native") or "native" in backends.available("sdpo_loss")]
+    native = "native" in backends.available("sdpo_loss")
+    engine = None
+    if native:
+        from sdpo_fast.native import gemm_engine
+
+        engine = gemm_engine()
+    rows = [r for r in ROWS if not r.startswith("native") or (native and (engine == "onednn" or "_blas" not in r))]
     N, dtype = batch.num_targets, hidden.dtype
 
     losses = {name: run_step(name, batch, hidden, weight, ref).item() for name in rows}
@@ -234,6 +257,7 @@ def main(argv=None):
         "benchmark": "logprob_cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
+        "native_gemm_engine": engine,
         "load_avg_1m": os.getloadavg()[0],
         "versions": {"torch": torch.__version__, "sdpo_fast": sdpo_fast.__version__, "python": platform.python_version()},
         "shape": {**shape_args, "N_targets": N, "logit_rows": int(batch.logit_rows.numel())},
@@ -266,7 +290,8 @@ def _markdown(r):
     lines = [
         f"## Fused log-probs / S-DPO loss on CPU ({r['date']})",
         "",
-        f"{r['device']}, torch {r['versions']['torch']}, 1-min load average {r['load_avg_1m']:.2f}; "
+        f"{r['device']}, torch {r['versions']['torch']}, native GEMMs on {r.get('native_gemm_engine')}, "
+        f"1-min load average {r['load_avg_1m']:.2f}; "
         f"{s['groups']} groups x {s['cands']} candidates x {s['cand_len']} tokens = N {s['N_targets']} targets "
         f"({s['logit_rows']} distinct logit rows), D {s['dim']}, V {s['vocab']}, {s['dtype']}, forward + backward"
         + (" (weight frozen: dHidden only)." if s.get("frozen_weight") else "."),

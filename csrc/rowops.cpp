@@ -79,15 +79,27 @@ SDPO_CLONES void row_scaled_exp(float* x, int64_t V, float shift, float a) {
 
 }  // namespace
 
-void rows_softmax_stats(float* x, int64_t n, int64_t V, const int64_t* row_ptr, const int64_t* target_ids,
-                        float* lse, float* sum, float* token_logp, bool keep_exp, int num_threads) {
+namespace {
+
+float tile_row_max(const BlockedTile& x, int64_t r) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t b = 0; b < x.blocks(); ++b) m = std::max(m, row_max(x.segment(r, b), x.len(b)));
+  return m;
+}
+
+}  // namespace
+
+void rows_softmax_stats(const BlockedTile& x, const int64_t* row_ptr, const int64_t* target_ids, float* lse,
+                        float* sum, float* token_logp, bool keep_exp, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads)
-  for (int64_t r = 0; r < n; ++r) {
-    float* xr = x + r * V;
-    const float m = row_max(xr, V);
+  for (int64_t r = 0; r < x.n; ++r) {
+    const float m = tile_row_max(x, r);
     // Target logits are read before the row is overwritten with exp values.
-    for (int64_t t = row_ptr[r]; t < row_ptr[r + 1]; ++t) token_logp[t] = xr[target_ids[t]];
-    const float s = keep_exp ? row_exp_sum(xr, V, m) : row_sum_exp(xr, V, m);
+    for (int64_t t = row_ptr[r]; t < row_ptr[r + 1]; ++t) token_logp[t] = x.at(r, target_ids[t]);
+    float s = 0.0f;
+    for (int64_t b = 0; b < x.blocks(); ++b) {
+      s += keep_exp ? row_exp_sum(x.segment(r, b), x.len(b), m) : row_sum_exp(x.segment(r, b), x.len(b), m);
+    }
     const float l = m + std::log(s);
     lse[r] = l;
     sum[r] = s;
@@ -95,34 +107,32 @@ void rows_softmax_stats(float* x, int64_t n, int64_t V, const int64_t* row_ptr, 
   }
 }
 
-void rows_fused_grad(float* x, int64_t n, int64_t V, const int64_t* row_ptr, const int64_t* target_ids,
-                     const float* g_t, const float* sum, float* scale, int num_threads) {
+void rows_fused_grad(const BlockedTile& x, const int64_t* row_ptr, const int64_t* target_ids, const float* g_t,
+                     const float* sum, float* scale, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads)
-  for (int64_t r = 0; r < n; ++r) {
-    float* xr = x + r * V;
+  for (int64_t r = 0; r < x.n; ++r) {
     const int64_t t0 = row_ptr[r], t1 = row_ptr[r + 1];
     if (t1 - t0 == 1) {
-      xr[target_ids[t0]] -= sum[r];
+      x.at(r, target_ids[t0]) -= sum[r];
       scale[r] = -g_t[t0] / sum[r];
       continue;
     }
     float g_r = 0.0f;
     for (int64_t t = t0; t < t1; ++t) g_r += g_t[t];
-    row_scale(xr, V, -g_r / sum[r]);
-    for (int64_t t = t0; t < t1; ++t) xr[target_ids[t]] += g_t[t];
+    for (int64_t b = 0; b < x.blocks(); ++b) row_scale(x.segment(r, b), x.len(b), -g_r / sum[r]);
+    for (int64_t t = t0; t < t1; ++t) x.at(r, target_ids[t]) += g_t[t];
     scale[r] = 1.0f;
   }
 }
 
-void rows_recompute_grad(float* x, int64_t n, int64_t V, const int64_t* row_ptr, const int64_t* target_ids,
-                         const float* g_t, const float* lse, int num_threads) {
+void rows_recompute_grad(const BlockedTile& x, const int64_t* row_ptr, const int64_t* target_ids, const float* g_t,
+                         const float* lse, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads)
-  for (int64_t r = 0; r < n; ++r) {
-    float* xr = x + r * V;
+  for (int64_t r = 0; r < x.n; ++r) {
     float g_r = 0.0f;
     for (int64_t t = row_ptr[r]; t < row_ptr[r + 1]; ++t) g_r += g_t[t];
-    row_scaled_exp(xr, V, lse[r], -g_r);
-    for (int64_t t = row_ptr[r]; t < row_ptr[r + 1]; ++t) xr[target_ids[t]] += g_t[t];
+    for (int64_t b = 0; b < x.blocks(); ++b) row_scaled_exp(x.segment(r, b), x.len(b), lse[r], -g_r);
+    for (int64_t t = row_ptr[r]; t < row_ptr[r + 1]; ++t) x.at(r, target_ids[t]) += g_t[t];
   }
 }
 

@@ -2,15 +2,18 @@
 // S-DPO loss with its gradients, over the PackedBatch log-prob layout (packing.py). Logits are never
 // held as [rows, V]; everything is fp32.
 //
+// Every GEMM goes through gemm() (gemm.cpp: oneDNN's fp32 matmul where torch has it, else torch's BLAS).
+//
 // The plain log-prob op ("logprobs", below) runs vocabulary block by vocabulary block over all rows,
-// with multi-threaded BLAS GEMMs whose output blocks stay in cache; see its section.
+// with multi-threaded GEMMs whose output blocks stay in cache; see its section.
 //
 // The S-DPO loss ("sdpo_loss") works on logits tiles of at most `tile_elements` floats:
 //   * GEMMs (tile = h W^T, dH = tile W, dW += tile^T h) are split into vocabulary blocks, each a
-//     single-threaded BLAS call on one OpenMP thread. A tile has few rows (two groups: ~480 at the
+//     single-threaded GEMM on one OpenMP thread. A tile has few rows (two groups: ~480 at the
 //     benchmark shape), and letting the BLAS split such a GEMM over 2 threads costs ~35% more CPU
 //     time than 1 thread (measured here: logits GEMM [241, 512] x [512, 32000], 0.98 s vs 0.74 s of
-//     CPU per 1928 rows). dW is one fp32 accumulator: the blocks own disjoint rows of it, so there
+//     CPU per 1928 rows). The tile is stored block by block (Tile below), so every block is a
+//     contiguous GEMM operand. dW is one fp32 accumulator: the blocks own disjoint rows of it, so there
 //     are no per-thread copies and no atomics. dH is summed per thread over a fixed run of blocks,
 //     then over threads in order: deterministic for a given thread count.
 //   * The tile's hidden rows are gathered from hidden [T, D] (and converted to fp32) per tile, and
@@ -117,10 +120,21 @@ void for_vocab_blocks(int64_t V, const Fn& fn) {
   if (error) std::rethrow_exception(error);
 }
 
+// A logits tile of n rows in the flat fp32 buffer `buf`, stored block-major along the GEMMs' vocabulary
+// blocks (rowops.h, BlockedTile): each block is a contiguous [n, len] operand, which oneDNN's matmul
+// takes as it is (a column slice of a row-major [n, V] tile it would first copy).
+struct Tile {
+  at::Tensor buf;
+  int64_t n, V;
+
+  at::Tensor block(int64_t v0, int64_t len) const { return buf.narrow(0, v0 * n, n * len).view({n, len}); }
+  sdpo_native::BlockedTile rows() const { return {buf.data_ptr<float>(), n, V, vocab_blocks(V).size}; }
+};
+
 // tile [n, V] = h [n, D] w^T
-void logits_gemm(at::Tensor& tile, const at::Tensor& h, const at::Tensor& w) {
+void logits_gemm(const Tile& tile, const at::Tensor& h, const at::Tensor& w) {
   for_vocab_blocks(w.size(0), [&](int64_t, int64_t v0, int64_t len) {
-    at::Tensor out = tile.narrow(1, v0, len);
+    at::Tensor out = tile.block(v0, len);
     gemm(out, h, w.narrow(0, v0, len).t(), false);
   });
 }
@@ -142,16 +156,16 @@ int64_t rows_per_tile(int64_t tile_elements, int64_t V) { return std::max<int64_
 
 // Logits of rows [r0, r0 + n) (hidden rows hb [n, D]) into `tile` and their forward statistics (rowops.h).
 void forward_rows(const Layout& L, const at::Tensor& hb, const at::Tensor& w, int64_t r0, int64_t n,
-                  at::Tensor& tile, float* lse, float* sum, float* token_logp, bool keep_exp) {
+                  const Tile& tile, float* lse, float* sum, float* token_logp, bool keep_exp) {
   logits_gemm(tile, hb, w);
-  rows_softmax_stats(tile.data_ptr<float>(), n, L.V, L.row_ptr + r0, L.target_ids, lse + r0, sum + r0,
-                     token_logp, keep_exp, threads());
+  rows_softmax_stats(tile.rows(), L.row_ptr + r0, L.target_ids, lse + r0, sum + r0, token_logp, keep_exp,
+                     threads());
 }
 
 // Returns the dH rows [n, D] (undefined unless need_h) of the tile's rows (hidden rows hb) and adds their
 // part of dW into dw (or writes it, when dw_fresh: dw is then uninitialised), from a gradient tile
 // dlogits = diag(scale) tile (scale undefined: 1; else it is indexed from row r0).
-at::Tensor gradient_gemms(const at::Tensor& hb, const at::Tensor& w, int64_t r0, int64_t n, const at::Tensor& tile,
+at::Tensor gradient_gemms(const at::Tensor& hb, const at::Tensor& w, int64_t r0, int64_t n, const Tile& tile,
                           const at::Tensor& scale, bool need_h, at::Tensor& dw, bool dw_fresh) {
   at::Tensor hs = hb;
   if (dw.defined() && scale.defined()) {
@@ -171,7 +185,7 @@ at::Tensor gradient_gemms(const at::Tensor& hb, const at::Tensor& w, int64_t r0,
     try {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t v0 = b * vb.size, len = std::min(vb.size, w.size(0) - v0);
-        const at::Tensor tb = tile.narrow(1, v0, len);
+        const at::Tensor tb = tile.block(v0, len);
         if (need_h) {
           at::Tensor pb = partial.select(0, t);
           gemm(pb, tb, w.narrow(0, v0, len), b != b0);
@@ -201,10 +215,10 @@ void recompute_backward(const Layout& L, const HiddenRows& src, const at::Tensor
   const at::Tensor none;
   for (int64_t a = r0; a < r1; a += chunk) {
     const int64_t n = std::min(chunk, r1 - a);
-    at::Tensor tile = buf.narrow(0, 0, n);
+    const Tile tile{buf, n, L.V};
     const at::Tensor hb = src.rows(a, n);
     logits_gemm(tile, hb, w);
-    rows_recompute_grad(tile.data_ptr<float>(), n, L.V, L.row_ptr + a, L.target_ids, g_t, lse + a, threads());
+    rows_recompute_grad(tile.rows(), L.row_ptr + a, L.target_ids, g_t, lse + a, threads());
     const at::Tensor dhb = gradient_gemms(hb, w, a, n, tile, none, dhidden.defined(), dw, dw_fresh);
     dw_fresh = false;
     if (dhidden.defined()) src.put(dhidden, a, dhb);
@@ -532,7 +546,7 @@ std::vector<at::Tensor> sdpo_loss(const at::Tensor& hidden, const at::Tensor& lo
   // dW is written by the first gradient pass (no zero fill: one 4 * V * D-byte pass less), then added to
   at::Tensor dw = need_w ? at::empty({L.V, L.D}, f32) : at::Tensor();
   bool dw_fresh = true;
-  at::Tensor buf = at::empty({buf_rows, L.V}, f32);
+  at::Tensor buf = at::empty({buf_rows * L.V}, f32);
   float *lp = logps.data_ptr<float>(), *gr = grad.data_ptr<float>(), *gt = g_t.data_ptr<float>();
   float *tk = tok.data_ptr<float>(), *ls = loss.data_ptr<float>();
   const float* rf = ref.data_ptr<float>();
@@ -553,12 +567,12 @@ std::vector<at::Tensor> sdpo_loss(const at::Tensor& hidden, const at::Tensor& lo
   for (const Block& b : blocks) {
     const int64_t n = b.r1 - b.r0;
     if (n <= max_rows) {  // whole groups in one tile: no recompute
-      at::Tensor tile = buf.narrow(0, 0, n);
+      const Tile tile{buf, n, L.V};
       const at::Tensor hb = src.rows(b.r0, n);
       forward_rows(L, hb, w, b.r0, n, tile, lse.data_ptr<float>(), sum.data_ptr<float>(), tk, true);
       finish_groups(b);
       if (!need_h && !need_w) continue;
-      rows_fused_grad(tile.data_ptr<float>(), n, L.V, L.row_ptr + b.r0, L.target_ids, gt, sum.data_ptr<float>() + b.r0,
+      rows_fused_grad(tile.rows(), L.row_ptr + b.r0, L.target_ids, gt, sum.data_ptr<float>() + b.r0,
                       scale.data_ptr<float>() + b.r0, threads());
       const at::Tensor dhb = gradient_gemms(hb, w, b.r0, n, tile, scale, need_h, dw, dw_fresh);
       dw_fresh = false;
@@ -566,7 +580,7 @@ std::vector<at::Tensor> sdpo_loss(const at::Tensor& hidden, const at::Tensor& lo
     } else {  // one group larger than the budget: score it chunk by chunk, then recompute
       for (int64_t a = b.r0; a < b.r1; a += max_rows) {
         const int64_t m = std::min(max_rows, b.r1 - a);
-        at::Tensor tile = buf.narrow(0, 0, m);
+        const Tile tile{buf, m, L.V};
         forward_rows(L, src.rows(a, m), w, a, m, tile, lse.data_ptr<float>(), sum.data_ptr<float>(), tk, false);
       }
       finish_groups(b);

@@ -23,6 +23,10 @@ keeps every group whose logit rows fit it in one tile and reuses the tile for th
 GEMMs); larger groups recompute their logits. With a frozen weight it runs the plain op's projected
 forward instead (``chunk_rows`` is then the recomputed rows per GEMM; ``tile_elements`` is unused).
 bf16/fp16 inputs are computed in fp32 (``weight`` is converted once per call: ``V * D * 4`` bytes).
+
+The GEMMs run on torch's oneDNN fp32 matmul where torch provides it and the CPU has AVX-512 (faster
+than torch's default BLAS on the CI-like Zen 4 machine), otherwise on torch's BLAS (MKL / OpenBLAS);
+``gemm_engine()`` says which. ``torch.backends.mkldnn.enabled = False`` selects the BLAS.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from .packing import PackedBatch
 
 __all__ = [
     "DEFAULT_BLOCK", "DEFAULT_KEEP_ELEMENTS", "DEFAULT_TILE_ELEMENTS", "DEFAULT_WORK_ELEMENTS", "extension",
-    "native_sdpo_loss", "native_sequence_logprobs",
+    "gemm_engine", "native_sdpo_loss", "native_sequence_logprobs",
 ]
 
 DEFAULT_TILE_ELEMENTS = 1 << 24  # sdpo_loss
@@ -102,6 +106,11 @@ def _load():
 
 
 extension = _load()
+
+
+def gemm_engine() -> str:
+    """The library the native kernels' GEMMs run on now: ``"onednn"`` or ``"blas"``."""
+    return extension.gemm_engine()
 
 
 def _tile(tile_elements: int | None, chunk_rows: int | None, vocab: int, default: int) -> int:

@@ -22,6 +22,8 @@ def test_tiny_run_writes_results_and_rows_agree(bench, tmp_path, frozen):
     saved = json.loads((tmp_path / ("logprob_cpu_frozen_weight.json" if frozen else "logprob_cpu.json")).read_text())
     assert saved["seconds"].keys() == result["seconds"].keys()
     assert {"eager", "torch_chunked"} <= set(result["seconds"])
+    if result["native_gemm_engine"] == "onednn":  # the BLAS rows measure what oneDNN gains, same process
+        assert {"native_logprobs_blas", "native_fused_blas"} <= set(result["seconds"])
     eager = result["loss"]["eager"]
     for name, loss in result["loss"].items():
         assert loss == pytest.approx(eager, rel=1e-5, abs=1e-6), name

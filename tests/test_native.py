@@ -209,10 +209,36 @@ def test_fused_loss_and_gradients_match_fp64(tile, beta, sft_weight):
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.fixture(params=["onednn", "blas"])
+def gemm_engine(request):
+    """Runs a test on each library the native GEMMs can use (gemm.cpp): oneDNN's matmul where torch
+    has it, and torch's BLAS, which torch.backends.mkldnn.enabled = False selects."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = request.param == "onednn"
+    try:
+        if sdpo_fast.native.gemm_engine() != request.param:
+            pytest.skip(f"{request.param} GEMMs are not available with this torch / CPU")
+        yield request.param
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
+def test_gemm_engine_follows_the_mkldnn_switch():
+    enabled = torch.backends.mkldnn.enabled
+    try:
+        torch.backends.mkldnn.enabled = False
+        assert sdpo_fast.native.gemm_engine() == "blas"
+        torch.backends.mkldnn.enabled = True
+        assert sdpo_fast.native.gemm_engine() in ("onednn", "blas")
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
 @pytest.mark.parametrize("tile", [None, 1])
-def test_vocabulary_split_into_blocks(tile):
+def test_vocabulary_split_into_blocks(tile, gemm_engine):
     """V = 2053: the GEMMs run as several vocabulary blocks (5 of up to 411 columns, the last one
-    short); dH sums the blocks' partials in a fixed order, so a rerun is bitwise equal."""
+    short; the loss's tile is stored block by block); dH sums the blocks' partials in a fixed order,
+    so a rerun is bitwise equal. On both GEMM libraries."""
     vocab = 2053
     groups = random_groups(8, n_groups=3, vocab=vocab)
     batch = sdpo_fast.pack_groups(groups)
