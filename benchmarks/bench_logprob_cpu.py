@@ -231,7 +231,7 @@ def main(argv=None):
     if native:
         from sdpo_fast.native import gemm_engine
 
-        engine = gemm_engine()
+        engine = gemm_engine(int(batch.logit_rows.numel()) * args.vocab * args.dim)
     rows = [r for r in ROWS if not r.startswith("native") or (native and (engine == "onednn" or "_blas" not in r))]
     N, dtype = batch.num_targets, hidden.dtype
 

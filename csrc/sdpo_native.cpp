@@ -2,7 +2,8 @@
 // S-DPO loss with its gradients, over the PackedBatch log-prob layout (packing.py). Logits are never
 // held as [rows, V]; everything is fp32.
 //
-// Every GEMM goes through gemm() (gemm.cpp: oneDNN's fp32 matmul where torch has it, else torch's BLAS).
+// Every GEMM goes through gemm() (gemm.cpp: oneDNN's fp32 matmul where torch has it, else torch's BLAS),
+// on the library chosen once per op call (Layout::lib).
 //
 // The plain log-prob op ("logprobs", below) runs vocabulary block by vocabulary block over all rows,
 // with multi-threaded GEMMs whose output blocks stay in cache; see its section.
@@ -53,6 +54,7 @@ struct Layout {
   const int64_t* row_ptr;
   const int64_t* target_ids;
   const int64_t* target_cands;
+  sdpo_native::GemmLibrary lib;  // for all of the call's GEMMs
 };
 
 // Checks the weight and the CSR arrays of Nr logit rows.
@@ -67,7 +69,8 @@ Layout make_layout(int64_t Nr, const at::Tensor& w, const at::Tensor& row_ptr, c
   TORCH_CHECK(row_ptr.size(0) == Nr + 1, "native backend: row_ptr must have Nr + 1 entries");
   TORCH_CHECK(target_ids.size(0) == target_cands.size(0), "native backend: target_ids / target_candidates differ in length");
   Layout L{Nr, target_ids.size(0), w.size(0), w.size(1), row_ptr.data_ptr<int64_t>(),
-           target_ids.data_ptr<int64_t>(), target_cands.data_ptr<int64_t>()};
+           target_ids.data_ptr<int64_t>(), target_cands.data_ptr<int64_t>(),
+           sdpo_native::gemm_library(Nr * w.size(0) * w.size(1))};
   TORCH_CHECK(L.Nr == 0 || (L.row_ptr[0] == 0 && L.row_ptr[L.Nr] == L.N), "native backend: row_ptr must span the targets");
   for (int64_t r = 0; r < L.Nr; ++r) {
     TORCH_CHECK(L.row_ptr[r + 1] > L.row_ptr[r], "native backend: logit row ", r, " has no target");
@@ -132,10 +135,10 @@ struct Tile {
 };
 
 // tile [n, V] = h [n, D] w^T
-void logits_gemm(const Tile& tile, const at::Tensor& h, const at::Tensor& w) {
+void logits_gemm(const Layout& L, const Tile& tile, const at::Tensor& h, const at::Tensor& w) {
   for_vocab_blocks(w.size(0), [&](int64_t, int64_t v0, int64_t len) {
     at::Tensor out = tile.block(v0, len);
-    gemm(out, h, w.narrow(0, v0, len).t(), false);
+    gemm(L.lib, out, h, w.narrow(0, v0, len).t(), false);
   });
 }
 
@@ -157,7 +160,7 @@ int64_t rows_per_tile(int64_t tile_elements, int64_t V) { return std::max<int64_
 // Logits of rows [r0, r0 + n) (hidden rows hb [n, D]) into `tile` and their forward statistics (rowops.h).
 void forward_rows(const Layout& L, const at::Tensor& hb, const at::Tensor& w, int64_t r0, int64_t n,
                   const Tile& tile, float* lse, float* sum, float* token_logp, bool keep_exp) {
-  logits_gemm(tile, hb, w);
+  logits_gemm(L, tile, hb, w);
   rows_softmax_stats(tile.rows(), L.row_ptr + r0, L.target_ids, lse + r0, sum + r0, token_logp, keep_exp,
                      threads());
 }
@@ -165,8 +168,8 @@ void forward_rows(const Layout& L, const at::Tensor& hb, const at::Tensor& w, in
 // Returns the dH rows [n, D] (undefined unless need_h) of the tile's rows (hidden rows hb) and adds their
 // part of dW into dw (or writes it, when dw_fresh: dw is then uninitialised), from a gradient tile
 // dlogits = diag(scale) tile (scale undefined: 1; else it is indexed from row r0).
-at::Tensor gradient_gemms(const at::Tensor& hb, const at::Tensor& w, int64_t r0, int64_t n, const Tile& tile,
-                          const at::Tensor& scale, bool need_h, at::Tensor& dw, bool dw_fresh) {
+at::Tensor gradient_gemms(const Layout& L, const at::Tensor& hb, const at::Tensor& w, int64_t r0, int64_t n,
+                          const Tile& tile, const at::Tensor& scale, bool need_h, at::Tensor& dw, bool dw_fresh) {
   at::Tensor hs = hb;
   if (dw.defined() && scale.defined()) {
     c10::ParallelGuard serial(true);  // [n, D] is too small to be worth an OpenMP region (see below)
@@ -188,11 +191,11 @@ at::Tensor gradient_gemms(const at::Tensor& hb, const at::Tensor& w, int64_t r0,
         const at::Tensor tb = tile.block(v0, len);
         if (need_h) {
           at::Tensor pb = partial.select(0, t);
-          gemm(pb, tb, w.narrow(0, v0, len), b != b0);
+          gemm(L.lib, pb, tb, w.narrow(0, v0, len), b != b0);
         }
         if (dw.defined()) {
           at::Tensor dwb = dw.narrow(0, v0, len);
-          gemm(dwb, tb.t(), hs, !dw_fresh);
+          gemm(L.lib, dwb, tb.t(), hs, !dw_fresh);
         }
       }
     } catch (...) {
@@ -217,9 +220,9 @@ void recompute_backward(const Layout& L, const HiddenRows& src, const at::Tensor
     const int64_t n = std::min(chunk, r1 - a);
     const Tile tile{buf, n, L.V};
     const at::Tensor hb = src.rows(a, n);
-    logits_gemm(tile, hb, w);
+    logits_gemm(L, tile, hb, w);
     rows_recompute_grad(tile.rows(), L.row_ptr + a, L.target_ids, g_t, lse + a, threads());
-    const at::Tensor dhb = gradient_gemms(hb, w, a, n, tile, none, dhidden.defined(), dw, dw_fresh);
+    const at::Tensor dhb = gradient_gemms(L, hb, w, a, n, tile, none, dhidden.defined(), dw, dw_fresh);
     dw_fresh = false;
     if (dhidden.defined()) src.put(dhidden, a, dhb);
   }
@@ -282,7 +285,7 @@ void seq_forward_pass(const Layout& L, const at::Tensor& h, const at::Tensor& w,
     const int64_t len = std::min(block, L.V - v0);
     const at::Tensor wb = w.narrow(0, v0, len);
     for_segments(L, sg, v0, len, kept_a, kept_b, work, [&](at::Tensor x, int64_t r0, int64_t n, bool) {
-      gemm(x, h.narrow(0, r0, n), wb.t(), false);
+      gemm(L.lib, x, h.narrow(0, r0, n), wb.t(), false);
       rows_block_stats(x.data_ptr<float>(), n, len, v0, L.row_ptr + r0, L.target_ids, mp + r0, sp + r0, tk,
                        project ? alpha.data() : nullptr, threads());
       if (!project) return;
@@ -292,7 +295,7 @@ void seq_forward_pass(const Layout& L, const at::Tensor& h, const at::Tensor& w,
         for (int64_t d = 0; d < L.D; ++d) ub[r * L.D + d] *= alpha[r];
       }
       at::Tensor ub_rows = u.narrow(0, r0, n);
-      gemm(ub_rows, x, wb, true);
+      gemm(L.lib, ub_rows, x, wb, true);
     });
   }
 }
@@ -313,15 +316,15 @@ void seq_backward_pass(const Layout& L, const at::Tensor& h, const at::Tensor& w
     bool first = true;
     for_segments(L, sg, v0, len, kept_a, kept_b, work, [&](at::Tensor x, int64_t r0, int64_t n, bool kept) {
       const at::Tensor hb = h.narrow(0, r0, n);
-      if (!kept) gemm(x, hb, wb.t(), false);
+      if (!kept) gemm(L.lib, x, hb, wb.t(), false);
       rows_block_grad(x.data_ptr<float>(), n, len, v0, L.row_ptr + r0, L.target_ids, gt, g_row + r0, ls + r0,
                       threads());
       if (need_h) {
         at::Tensor dh_rows = dh.narrow(0, r0, n);
-        gemm(dh_rows, x, wb, true);
+        gemm(L.lib, dh_rows, x, wb, true);
       }
       if (need_w) {
-        gemm(dwb, x.t(), hb, !first);
+        gemm(L.lib, dwb, x.t(), hb, !first);
       }
       first = false;
     });
@@ -574,7 +577,7 @@ std::vector<at::Tensor> sdpo_loss(const at::Tensor& hidden, const at::Tensor& lo
       if (!need_h && !need_w) continue;
       rows_fused_grad(tile.rows(), L.row_ptr + b.r0, L.target_ids, gt, sum.data_ptr<float>() + b.r0,
                       scale.data_ptr<float>() + b.r0, threads());
-      const at::Tensor dhb = gradient_gemms(hb, w, b.r0, n, tile, scale, need_h, dw, dw_fresh);
+      const at::Tensor dhb = gradient_gemms(L, hb, w, b.r0, n, tile, scale, need_h, dw, dw_fresh);
       dw_fresh = false;
       if (need_h) src.put(dh, b.r0, dhb);
     } else {  // one group larger than the budget: score it chunk by chunk, then recompute
@@ -601,8 +604,9 @@ std::vector<at::Tensor> sdpo_loss(const at::Tensor& hidden, const at::Tensor& lo
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sdpo_fast native CPU kernels (fused log-probs and S-DPO loss); see csrc/sdpo_native.cpp";
   // settles the GEMM library here, outside any OpenMP region (gemm.cpp)
-  m.def("gemm_engine", &sdpo_native::gemm_engine, "the library the kernels' GEMMs run on: 'onednn' or 'blas'");
-  sdpo_native::gemm_engine();
+  m.def("gemm_engine", &sdpo_native::gemm_engine, py::arg("work"),
+        "the library an op call whose GEMM passes cost `work` multiply-adds runs them on: 'onednn' or 'blas'");
+  sdpo_native::gemm_engine(0);
   m.def("logprobs_forward", &logprobs_forward,
         "(h, w, row_ptr, target_ids, target_candidates, num_cands, keep_in_grad, keep_elements, block, chunk_rows, "
         "project) -> (lse, logps, kept_a, kept_b, u)");

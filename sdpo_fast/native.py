@@ -24,9 +24,10 @@ GEMMs); larger groups recompute their logits. With a frozen weight it runs the p
 forward instead (``chunk_rows`` is then the recomputed rows per GEMM; ``tile_elements`` is unused).
 bf16/fp16 inputs are computed in fp32 (``weight`` is converted once per call: ``V * D * 4`` bytes).
 
-The GEMMs run on torch's oneDNN fp32 matmul where torch provides it and the CPU has AVX-512 (faster
-than torch's default BLAS on the CI-like Zen 4 machine), otherwise on torch's BLAS (MKL / OpenBLAS);
-``gemm_engine()`` says which. ``torch.backends.mkldnn.enabled = False`` selects the BLAS.
+The GEMMs of a large call (logit rows x V x D >= 2**28) run on torch's oneDNN fp32 matmul where torch
+provides it and the CPU has AVX-512 (faster than torch's default BLAS on the CI-like Zen 4 machine),
+otherwise on torch's BLAS (MKL / OpenBLAS); ``gemm_engine()`` says which.
+``torch.backends.mkldnn.enabled = False`` selects the BLAS.
 """
 
 from __future__ import annotations
@@ -108,9 +109,11 @@ def _load():
 extension = _load()
 
 
-def gemm_engine() -> str:
-    """The library the native kernels' GEMMs run on now: ``"onednn"`` or ``"blas"``."""
-    return extension.gemm_engine()
+def gemm_engine(work: int | None = None) -> str:
+    """The library (``"onednn"`` or ``"blas"``) an op call runs its GEMMs on now, for a call whose GEMM
+    passes cost ``work`` multiply-adds (logit rows x V x D; default: a large one). Smaller calls than
+    ``2**28`` always use the BLAS: oneDNN compiles a kernel per new shape, which they never earn back."""
+    return extension.gemm_engine(1 << 62 if work is None else int(work))
 
 
 def _tile(tile_elements: int | None, chunk_rows: int | None, vocab: int, default: int) -> int:

@@ -223,13 +223,14 @@ def gemm_engine(request):
         torch.backends.mkldnn.enabled = enabled
 
 
-def test_gemm_engine_follows_the_mkldnn_switch():
+def test_gemm_engine_follows_the_mkldnn_switch_and_the_size():
     enabled = torch.backends.mkldnn.enabled
     try:
         torch.backends.mkldnn.enabled = False
         assert sdpo_fast.native.gemm_engine() == "blas"
         torch.backends.mkldnn.enabled = True
         assert sdpo_fast.native.gemm_engine() in ("onednn", "blas")
+        assert sdpo_fast.native.gemm_engine(work=(1 << 28) - 1) == "blas"  # small calls: no per-shape JIT
     finally:
         torch.backends.mkldnn.enabled = enabled
 
@@ -238,13 +239,15 @@ def test_gemm_engine_follows_the_mkldnn_switch():
 def test_vocabulary_split_into_blocks(tile, gemm_engine):
     """V = 2053: the GEMMs run as several vocabulary blocks (5 of up to 411 columns, the last one
     short; the loss's tile is stored block by block); dH sums the blocks' partials in a fixed order,
-    so a rerun is bitwise equal. On both GEMM libraries."""
-    vocab = 2053
-    groups = random_groups(8, n_groups=3, vocab=vocab)
+    so a rerun is bitwise equal. On both GEMM libraries: the batch is large enough (rows x V x D over
+    2**28) for oneDNN, and D = 257 is odd."""
+    vocab, dim = 2053, 257
+    groups = random_groups(8, n_groups=40, vocab=vocab, max_k=8, max_len=6)
     batch = sdpo_fast.pack_groups(groups)
+    assert sdpo_fast.native.gemm_engine(batch.logit_rows.numel() * vocab * dim) == gemm_engine
     gen = torch.Generator().manual_seed(8)
-    h = torch.randn(num_tokens(batch), D, generator=gen).requires_grad_(True)
-    w = torch.randn(vocab, D, generator=gen).requires_grad_(True)
+    h = (torch.randn(num_tokens(batch), dim, generator=gen) * 0.25).requires_grad_(True)
+    w = (torch.randn(vocab, dim, generator=gen) * 0.25).requires_grad_(True)
     ref = torch.randn(batch.candidate_mask.shape) - 9.0
     loss, metrics = fused_sdpo_loss(h, w, batch, ref, sft_weight=0.3, backend="native", tile_elements=tile)
     loss.backward()
