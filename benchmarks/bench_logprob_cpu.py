@@ -279,6 +279,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "logprob_cpu" + ("" if args.dtype == "fp32" else f"_{args.dtype}")
     stem += "" if args.threads is None else f"_t{args.threads}"
+    stem += "" if (args.vocab, args.groups) == (32000, 8) else f"_v{args.vocab}_g{args.groups}"
     stem += "_frozen_weight" if args.frozen_weight else ""
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(md + "\n")

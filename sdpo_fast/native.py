@@ -18,10 +18,15 @@ needs a gradient), plus ``keep_elements`` more logits (default ``2**23``, 32 MiB
 are recomputed in the backward, ``chunk_rows`` (default ``2**20 // block``) at a time. When the
 weight is frozen (LoRA) the forward instead accumulates ``softmax(logits) @ weight`` ``[rows, D]``
 on the cache-hot blocks, and the backward forms dHidden from it without any logits (two GEMMs in all).
-The S-DPO loss takes ``tile_elements`` (default ``2**24``, 64 MiB of fp32 logits held at once): it
-keeps every group whose logit rows fit it in one tile and reuses the tile for the gradients (three
-GEMMs); larger groups recompute their logits. With a frozen weight it runs the plain op's projected
-forward instead (``chunk_rows`` is then the recomputed rows per GEMM; ``tile_elements`` is unused).
+The S-DPO loss takes ``tile_elements`` (fp32 logits held at once): it keeps every group whose logit
+rows fit it in one tile and reuses the tile for the gradients (three GEMMs); larger groups recompute
+their logits (four GEMMs). The default is ``2**24`` (64 MiB), raised to the largest group's
+``rows * V`` when that is more, up to ``2**27`` (512 MiB): with a 128k vocabulary one group of 16
+candidates of 16 tokens is ~124 MB of logits, and recomputing it made the step 1.5x slower. Two cases
+run through the plain op's kernels over all rows instead (``chunk_rows`` is then the recomputed rows
+per GEMM): a frozen weight (the projected forward), and, unless a tile size is given, a batch of at
+most D logit rows with a trainable weight (all of them kept in the buffer that becomes dW: no tile
+and no recompute; at V = 128256, 482 rows, 18 MiB of working memory against 135 MiB for the tile).
 bf16/fp16 inputs are computed in fp32 (``weight`` is converted once per call: ``V * D * 4`` bytes).
 
 The GEMMs of a large call (logit rows x V x D >= 2**28) run on torch's oneDNN fp32 matmul where torch
@@ -44,11 +49,12 @@ from .fused_loss import group_loss_and_grad
 from .packing import PackedBatch
 
 __all__ = [
-    "DEFAULT_BLOCK", "DEFAULT_KEEP_ELEMENTS", "DEFAULT_TILE_ELEMENTS", "DEFAULT_WORK_ELEMENTS", "extension",
-    "gemm_engine", "native_sdpo_loss", "native_sequence_logprobs",
+    "DEFAULT_BLOCK", "DEFAULT_KEEP_ELEMENTS", "DEFAULT_TILE_ELEMENTS", "DEFAULT_WORK_ELEMENTS", "MAX_TILE_ELEMENTS",
+    "default_tile_elements", "extension", "gemm_engine", "native_sdpo_loss", "native_sequence_logprobs",
 ]
 
 DEFAULT_TILE_ELEMENTS = 1 << 24  # sdpo_loss
+MAX_TILE_ELEMENTS = 1 << 27  # sdpo_loss: the default tile grows to one whole group's logits up to this
 DEFAULT_BLOCK = 512  # sequence_logprobs: vocabulary columns per block
 DEFAULT_KEEP_ELEMENTS = 1 << 23  # sequence_logprobs: logits kept besides the weight-gradient-shaped buffer
 DEFAULT_WORK_ELEMENTS = 1 << 20  # sequence_logprobs: recomputed logits per block (chunk_rows * block)
@@ -122,6 +128,16 @@ def _tile(tile_elements: int | None, chunk_rows: int | None, vocab: int, default
     if chunk_rows is not None:
         return _positive("chunk_rows", chunk_rows, 1) * vocab
     return _positive("tile_elements", tile_elements, default)
+
+
+def default_tile_elements(batch: PackedBatch, vocab: int) -> int:
+    """The S-DPO loss's default tile: ``DEFAULT_TILE_ELEMENTS``, or the largest group's ``rows * vocab``
+    when that is more (so it is scored without recompute), at most ``MAX_TILE_ELEMENTS``."""
+    if batch.logit_rows.numel() == 0:
+        return DEFAULT_TILE_ELEMENTS
+    group_of_row = batch.target_candidates[batch.row_ptr[:-1]] // batch.candidate_mask.shape[1]
+    largest = int(torch.bincount(group_of_row).max())
+    return max(DEFAULT_TILE_ELEMENTS, min(largest * vocab, MAX_TILE_ELEMENTS))
 
 
 def _check_device(hidden: torch.Tensor, weight: torch.Tensor):
@@ -203,33 +219,41 @@ def native_sequence_logprobs(hidden, weight, batch: PackedBatch, keep_elements=N
     return _NativeSequenceLogprobs.apply(hidden, weight, batch, keep, in_grad, block, chunk, project)
 
 
-def _projected_sdpo_loss(hidden, h, w, batch: PackedBatch, ref_logps, beta, sft_weight, chunk_rows):
-    """Frozen weight: the plain op's projected forward over all rows (GEMMs on every row at once, which
-    run faster than per-group tiles), the closed-form dL/dlogp, and dHidden from the projection."""
+def _whole_batch_sdpo_loss(hidden, weight, batch: PackedBatch, ref_logps, beta, sft_weight, need_h, need_w,
+                           chunk_rows):
+    """The loss through the plain op's kernels over all rows at once (GEMMs on every row together, which
+    run faster than per-group tiles): the forward, the closed-form dL/dlogp, then the backward. Taken
+    when the weight is frozen (the projected forward: dHidden without logits) or when every logit row
+    fits the buffer that becomes dW (rows <= D: no logits recomputed and no tile held)."""
+    h, w = _prepare(hidden, weight, batch)
     G, C = batch.candidate_mask.shape
+    project = not need_w
     chunk = chunk_rows if chunk_rows is not None else max(1, DEFAULT_WORK_ELEMENTS // DEFAULT_BLOCK)
-    lse, logps, _, _, u = extension.logprobs_forward(
-        h, w, batch.row_ptr, batch.target_ids, batch.target_candidates, G * C, False, 0, DEFAULT_BLOCK, chunk, True
+    lse, logps, kept_a, _, u = extension.logprobs_forward(
+        h, w, batch.row_ptr, batch.target_ids, batch.target_candidates, G * C, need_w, 0, DEFAULT_BLOCK, chunk,
+        project,
     )
     logps = logps.view(G, C)
     loss_g, grad = group_loss_and_grad(logps, ref_logps, batch.candidate_mask, batch.candidate_lens, beta, sft_weight)
-    dh, _ = extension.logprobs_backward(
-        h, w, batch.row_ptr, batch.target_ids, batch.target_candidates, lse, grad.flatten().contiguous(), True, False,
-        DEFAULT_BLOCK, chunk, None, None, u,
+    dh, dw = extension.logprobs_backward(
+        h, w, batch.row_ptr, batch.target_ids, batch.target_candidates, lse, grad.flatten().contiguous(), need_h,
+        need_w, DEFAULT_BLOCK, chunk, kept_a, None, u,
     )
-    return loss_g, logps, _scatter_dhidden(hidden, batch, dh), None
+    dhidden = _scatter_dhidden(hidden, batch, dh) if need_h else None
+    return loss_g, logps, dhidden, dw.to(weight.dtype) if need_w else None
 
 
 def native_sdpo_loss(hidden, weight, batch: PackedBatch, ref_logps, beta, sft_weight, need_h, need_w,
                      tile_elements=None, chunk_rows=None):
     """``"sdpo_loss"`` op (fused_loss.py): ``(loss_g [G], logps [G, C], dhidden [T, D] | None,
     dweight [V, D] | None)``, gradients of ``sum_g loss_g``."""
-    tile = _tile(tile_elements, chunk_rows, weight.shape[0], DEFAULT_TILE_ELEMENTS)
+    tile = _tile(tile_elements, chunk_rows, weight.shape[0], default_tile_elements(batch, weight.shape[0]))
     if bool((batch.candidate_lens[:, 0] < 1).any()):
         raise ValueError("every group needs a chosen candidate (column 0) with at least one token")
-    if need_h and not need_w:
-        h, w = _prepare(hidden, weight, batch)
-        return _projected_sdpo_loss(hidden, h, w, batch, ref_logps, beta, sft_weight, chunk_rows)
+    explicit_tile = tile_elements is not None or chunk_rows is not None
+    rows_fit_grad = need_w and not explicit_tile and batch.logit_rows.numel() <= weight.shape[1]
+    if (need_h and not need_w) or rows_fit_grad:
+        return _whole_batch_sdpo_loss(hidden, weight, batch, ref_logps, beta, sft_weight, need_h, need_w, chunk_rows)
     _check_device(hidden, weight)
     # the kernel gathers the logit rows tile by tile: no [rows, D] fp32 copy of them is held
     loss_g, logps, dhidden, dw = extension.sdpo_loss(

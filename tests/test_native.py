@@ -83,6 +83,12 @@ SEQ_OPTIONS = {
 }
 
 
+# The S-DPO loss's two paths with a trainable weight: a batch of at most D logit rows (these tests'
+# small batches) runs through the plain op's kernels with every row kept in the dW-shaped buffer,
+# unless a tile size is given, which selects the tiled kernel.
+LOSS_PATHS = {"rows-in-grad-buffer": None, "tiles": 1 << 24}
+
+
 @pytest.mark.parametrize("opts", SEQ_OPTIONS.values(), ids=SEQ_OPTIONS.keys())
 def test_logprobs_and_gradients_match_fp64(opts):
     groups = random_groups(0, n_groups=20)
@@ -186,9 +192,10 @@ def test_nothing_kept_without_a_backward(monkeypatch):
     assert seen[3][:3] == (True, sdpo_fast.native.DEFAULT_KEEP_ELEMENTS, False) and seen[3][3:] == (True, True, False)
 
 
-# tile_elements: every group in one tile (no recompute); ~6 rows (groups merged where they fit, the
-# larger ones recomputed); 1 (every group over budget: the recompute fallback throughout).
-@pytest.mark.parametrize("tile", [None, V * 6, 1])
+# tile_elements: default (38 rows <= D: every row kept in the dW-shaped buffer); every group in one
+# tile (no recompute); ~6 rows (groups merged where they fit, the larger ones recomputed); 1 (every
+# group over budget: the recompute fallback throughout).
+@pytest.mark.parametrize("tile", [None, V * 1000, V * 6, 1])
 @pytest.mark.parametrize("beta,sft_weight", [(1.0, 0.0), (0.3, 0.5)])
 def test_fused_loss_and_gradients_match_fp64(tile, beta, sft_weight):
     groups = random_groups(1, n_groups=5)
@@ -207,6 +214,96 @@ def test_fused_loss_and_gradients_match_fp64(tile, beta, sft_weight):
     torch.testing.assert_close(metrics["logps"].double(), logps64.detach(), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_default_tile_grows_to_hold_the_largest_group(monkeypatch):
+    """The loss's default tile is raised to the largest group's rows x V (no recompute), up to a cap;
+    shown here with the two limits scaled down to this vocabulary, against fp64."""
+    import sdpo_fast.native as nat
+
+    groups = random_groups(5, n_groups=6, max_k=8, max_len=6)
+    batch = sdpo_fast.pack_groups(groups)
+    group_of_row = batch.target_candidates[batch.row_ptr[:-1]] // batch.candidate_mask.shape[1]
+    sizes = torch.bincount(group_of_row)
+    assert sizes.max() > 3
+    monkeypatch.setattr(nat, "DEFAULT_TILE_ELEMENTS", V * 3)
+    monkeypatch.setattr(nat, "MAX_TILE_ELEMENTS", V * 1000)
+    assert nat.default_tile_elements(batch, V) == int(sizes.max()) * V
+    monkeypatch.setattr(nat, "MAX_TILE_ELEMENTS", V * 2)
+    assert nat.default_tile_elements(batch, V) == V * 3  # the cap never lowers the base default
+    monkeypatch.setattr(nat, "MAX_TILE_ELEMENTS", V * 4)
+    assert nat.default_tile_elements(batch, V) == V * 4
+
+    monkeypatch.setattr(nat, "MAX_TILE_ELEMENTS", V * 1000)
+    seen = []
+    real = nat.extension
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def sdpo_loss(self, *args):
+            seen.append(args[-1])
+            return real.sdpo_loss(*args)
+
+    monkeypatch.setattr(nat, "extension", Spy())
+    h, w = leaves(num_tokens(batch), seed=5)
+    ref = torch.randn(batch.candidate_mask.shape) - 6.0
+    loss, _ = fused_sdpo_loss(h, w, batch, ref, sft_weight=0.1, backend="native")
+    loss.backward()
+    fused_sdpo_loss(h.detach(), w, batch, ref, backend="native", tile_elements=V * 5)
+    assert seen == [int(sizes.max()) * V, V * 5]  # an explicit tile_elements is taken as given
+    h64, w64 = fp64_copies(h, w)
+    naive_loss(naive_logps(h64, w64, groups, batch), ref.double(), batch, 1.0, 0.1).backward()
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_path_follows_rows_weight_and_tile(monkeypatch):
+    """Which kernel the loss runs: the plain op's (keeping all rows in the dW-shaped buffer) for a
+    trainable weight and at most D rows without a tile size; projected for a frozen weight; the tiled
+    kernel for more rows or an explicit tile_elements / chunk_rows. Every case against fp64."""
+    import sdpo_fast.native as nat
+
+    seen = []
+    real = nat.extension
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def logprobs_forward(self, *args):
+            seen.append(("plain", args[6], args[10]))  # keep_in_grad, project
+            return real.logprobs_forward(*args)
+
+        def sdpo_loss(self, *args):
+            seen.append(("tiled", args[-1]))
+            return real.sdpo_loss(*args)
+
+    monkeypatch.setattr(nat, "extension", Spy())
+    for n_groups, frozen, opts, expected in [
+        (4, False, {}, ("plain", True, False)),
+        (4, True, {}, ("plain", False, True)),
+        (4, False, {"tile_elements": V * 4}, ("tiled", V * 4)),
+        (4, False, {"chunk_rows": 5}, ("tiled", V * 5)),
+        (12, False, {}, ("tiled", nat.DEFAULT_TILE_ELEMENTS)),
+    ]:
+        groups = random_groups(10 + n_groups, n_groups=n_groups, max_k=6, max_len=5)
+        batch = sdpo_fast.pack_groups(groups)
+        assert (batch.logit_rows.numel() <= D) == (n_groups == 4)
+        h, w = leaves(num_tokens(batch), seed=n_groups, frozen=frozen)
+        ref = torch.randn(batch.candidate_mask.shape) - 6.0
+        seen.clear()
+        loss, metrics = fused_sdpo_loss(h, w, batch, ref, sft_weight=0.2, backend="native", **opts)
+        loss.backward()
+        assert seen == [expected]
+        h64, w64 = fp64_copies(h, w)
+        logps64 = naive_logps(h64, w64, groups, batch)
+        naive_loss(logps64, ref.double(), batch, 1.0, 0.2).backward()
+        torch.testing.assert_close(metrics["logps"].double(), logps64.detach(), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+        if not frozen:
+            torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
 
 
 @pytest.fixture(params=["onednn", "blas"])
@@ -300,7 +397,8 @@ def test_frozen_weight_both_ops(chunk_rows):
     torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_frozen_hidden_and_3d_hidden():
+@pytest.mark.parametrize("tile", LOSS_PATHS.values(), ids=LOSS_PATHS.keys())
+def test_frozen_hidden_and_3d_hidden(tile):
     """Only dW wanted (hidden without grad), hidden given as [R, L, D]."""
     groups = random_groups(7)
     batch = sdpo_fast.pack_groups(groups, max_tokens_per_row=30)
@@ -309,7 +407,7 @@ def test_frozen_hidden_and_3d_hidden():
     h = h.detach().view(R, L, D)
     h64, w64 = fp64_copies(h.view(R * L, D), w)
     ref = torch.randn(batch.candidate_mask.shape) - 6.0
-    loss, _ = fused_sdpo_loss(h, w, batch, ref, backend="native")
+    loss, _ = fused_sdpo_loss(h, w, batch, ref, backend="native", tile_elements=tile)
     loss.backward()
     naive_loss(naive_logps(h64, w64, groups, batch), ref.double(), batch, 1.0, 0.0).backward()
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
@@ -331,8 +429,9 @@ def test_frozen_hidden_and_3d_hidden():
     torch.testing.assert_close(h3.grad.view(R * L, D).double(), h64.grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("tile", LOSS_PATHS.values(), ids=LOSS_PATHS.keys())
 @pytest.mark.parametrize("sft_weight", [0.0, 0.4])
-def test_shared_rows_and_repeated_tokens(sft_weight):
+def test_shared_rows_and_repeated_tokens(sft_weight, tile):
     """Candidates of one token (every target on the prompt's shared last row), repeated first tokens
     and identical candidates; with sft_weight 0 the shared row's summed dL/dlogp is exactly 0."""
     groups = [
@@ -343,7 +442,7 @@ def test_shared_rows_and_repeated_tokens(sft_weight):
     batch = sdpo_fast.pack_groups(groups)
     h, w = leaves(num_tokens(batch), seed=3)
     ref = torch.randn(batch.candidate_mask.shape) - 6.0
-    loss, metrics = fused_sdpo_loss(h, w, batch, ref, sft_weight=sft_weight, backend="native")
+    loss, metrics = fused_sdpo_loss(h, w, batch, ref, sft_weight=sft_weight, backend="native", tile_elements=tile)
     loss.backward()
     h64, w64 = fp64_copies(h, w)
     logps64 = naive_logps(h64, w64, groups, batch)
@@ -353,7 +452,8 @@ def test_shared_rows_and_repeated_tokens(sft_weight):
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_confident_and_extreme_logits():
+@pytest.mark.parametrize("tile", LOSS_PATHS.values(), ids=LOSS_PATHS.keys())
+def test_confident_and_extreme_logits(tile):
     """Logits spanning hundreds of nats (exp underflow) and p(target) ~ 1: (p - 1) must not cancel."""
     groups = random_groups(4, n_groups=3, max_len=2)
     batch = sdpo_fast.pack_groups(groups)
@@ -362,7 +462,7 @@ def test_confident_and_extreme_logits():
         rows = batch.logit_rows.index_select(0, batch.target_rows)
         h[rows] += 0.5 * w[batch.target_ids]
     ref = torch.randn(batch.candidate_mask.shape) - 2.0
-    loss, metrics = fused_sdpo_loss(h, w, batch, ref, sft_weight=0.3, backend="native")
+    loss, metrics = fused_sdpo_loss(h, w, batch, ref, sft_weight=0.3, backend="native", tile_elements=tile)
     loss.backward()
     h64, w64 = fp64_copies(h, w)
     logps64 = naive_logps(h64, w64, groups, batch)
