@@ -157,25 +157,42 @@ def test_frozen_weight_projected_backward_matches_fp64(opts, confident):
     assert torch.equal(h.grad, first)
 
 
-def test_nothing_kept_without_a_backward(monkeypatch):
-    """Under no_grad, or when no input needs a gradient, the forward keeps no logits; with a frozen
-    weight it keeps none either and projects instead; otherwise it fills both buffers."""
+@pytest.fixture
+def spy(monkeypatch):
+    """watch(kernel, record): from then on every call of the extension's `kernel` appends
+    record(args, outputs) to the list watch returns (one list for all watched kernels)."""
     import sdpo_fast.native as nat
 
-    seen = []
-    real = nat.extension
+    real, records, seen = nat.extension, {}, []
 
     class Spy:
         def __getattr__(self, name):
-            return getattr(real, name)
+            kernel = getattr(real, name)
+            if name not in records:
+                return kernel
 
-        def logprobs_forward(self, *args):
-            out = real.logprobs_forward(*args)
-            # (keep_in_grad, keep_elements, project, kept_a, kept_b, u)
-            seen.append((args[6], args[7], args[10], out[2] is not None, out[3] is not None, out[4] is not None))
-            return out
+            def watched(*args):
+                out = kernel(*args)
+                seen.append(records[name](args, out))
+                return out
+
+            return watched
 
     monkeypatch.setattr(nat, "extension", Spy())
+
+    def watch(kernel, record):
+        records[kernel] = record
+        return seen
+
+    return watch
+
+
+def test_nothing_kept_without_a_backward(spy):
+    """Under no_grad, or when no input needs a gradient, the forward keeps no logits; with a frozen
+    weight it keeps none either and projects instead; otherwise it fills both buffers."""
+    # (keep_in_grad, keep_elements, project, kept_a, kept_b, u)
+    seen = spy("logprobs_forward", lambda a, out: (a[6], a[7], a[10], out[2] is not None, out[3] is not None,
+                                                   out[4] is not None))
     groups = random_groups(0, n_groups=20)
     batch = sdpo_fast.pack_groups(groups)
     h, w = leaves(num_tokens(batch))
@@ -216,7 +233,7 @@ def test_fused_loss_and_gradients_match_fp64(tile, beta, sft_weight):
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_default_tile_grows_to_hold_the_largest_group(monkeypatch):
+def test_default_tile_grows_to_hold_the_largest_group(monkeypatch, spy):
     """The loss's default tile is raised to the largest group's rows x V (no recompute), up to a cap;
     shown here with the two limits scaled down to this vocabulary, against fp64."""
     import sdpo_fast.native as nat
@@ -235,18 +252,7 @@ def test_default_tile_grows_to_hold_the_largest_group(monkeypatch):
     assert nat.default_tile_elements(batch, V) == V * 4
 
     monkeypatch.setattr(nat, "MAX_TILE_ELEMENTS", V * 1000)
-    seen = []
-    real = nat.extension
-
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        def sdpo_loss(self, *args):
-            seen.append(args[-1])
-            return real.sdpo_loss(*args)
-
-    monkeypatch.setattr(nat, "extension", Spy())
+    seen = spy("sdpo_loss", lambda a, out: a[-1])
     h, w = leaves(num_tokens(batch), seed=5)
     ref = torch.randn(batch.candidate_mask.shape) - 6.0
     loss, _ = fused_sdpo_loss(h, w, batch, ref, sft_weight=0.1, backend="native")
@@ -259,28 +265,14 @@ def test_default_tile_grows_to_hold_the_largest_group(monkeypatch):
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_loss_path_follows_rows_weight_and_tile(monkeypatch):
+def test_loss_path_follows_rows_weight_and_tile(spy):
     """Which kernel the loss runs: the plain op's (keeping all rows in the dW-shaped buffer) for a
     trainable weight and at most D rows without a tile size; projected for a frozen weight; the tiled
     kernel for more rows or an explicit tile_elements / chunk_rows. Every case against fp64."""
     import sdpo_fast.native as nat
 
-    seen = []
-    real = nat.extension
-
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        def logprobs_forward(self, *args):
-            seen.append(("plain", args[6], args[10]))  # keep_in_grad, project
-            return real.logprobs_forward(*args)
-
-        def sdpo_loss(self, *args):
-            seen.append(("tiled", args[-1]))
-            return real.sdpo_loss(*args)
-
-    monkeypatch.setattr(nat, "extension", Spy())
+    seen = spy("logprobs_forward", lambda a, out: ("plain", a[6], a[10]))  # keep_in_grad, project
+    spy("sdpo_loss", lambda a, out: ("tiled", a[-1]))
     for n_groups, frozen, opts, expected in [
         (4, False, {}, ("plain", True, False)),
         (4, True, {}, ("plain", False, True)),
