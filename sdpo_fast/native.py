@@ -20,7 +20,7 @@ weight is frozen (LoRA) the forward instead accumulates ``softmax(logits) @ weig
 on the cache-hot blocks, and the backward forms dHidden from it without any logits (two GEMMs in all).
 The S-DPO loss takes ``tile_elements`` (fp32 logits held at once): it keeps every group whose logit
 rows fit it in one tile and reuses the tile for the gradients (three GEMMs); larger groups recompute
-their logits (four GEMMs). The default is ``2**24`` (64 MiB), raised to the largest group's
+their logits (four GEMMs). The default is ``2**23`` (32 MiB), raised to the largest group's
 ``rows * V`` when that is more, up to ``2**27`` (512 MiB): with a 128k vocabulary one group of 16
 candidates of 16 tokens is ~124 MB of logits, and recomputing it made the step 1.5x slower. Two cases
 run through the plain op's kernels over all rows instead (``chunk_rows`` is then the recomputed rows
@@ -53,7 +53,7 @@ __all__ = [
     "default_tile_elements", "extension", "gemm_engine", "native_sdpo_loss", "native_sequence_logprobs",
 ]
 
-DEFAULT_TILE_ELEMENTS = 1 << 24  # sdpo_loss
+DEFAULT_TILE_ELEMENTS = 1 << 23  # sdpo_loss
 MAX_TILE_ELEMENTS = 1 << 27  # sdpo_loss: the default tile grows to one whole group's logits up to this
 DEFAULT_BLOCK = 512  # sequence_logprobs: vocabulary columns per block
 DEFAULT_KEEP_ELEMENTS = 1 << 23  # sequence_logprobs: logits kept besides the weight-gradient-shaped buffer

@@ -86,7 +86,7 @@ SEQ_OPTIONS = {
 # The S-DPO loss's two paths with a trainable weight: a batch of at most D logit rows (these tests'
 # small batches) runs through the plain op's kernels with every row kept in the dW-shaped buffer,
 # unless a tile size is given, which selects the tiled kernel.
-LOSS_PATHS = {"rows-in-grad-buffer": None, "tiles": 1 << 24}
+LOSS_PATHS = {"rows-in-grad-buffer": None, "tiles": 1 << 23}
 
 
 @pytest.mark.parametrize("opts", SEQ_OPTIONS.values(), ids=SEQ_OPTIONS.keys())
