@@ -83,10 +83,21 @@ SEQ_OPTIONS = {
 }
 
 
-# The S-DPO loss's two paths with a trainable weight: a batch of at most D logit rows (these tests'
-# small batches) runs through the plain op's kernels with every row kept in the dW-shaped buffer,
-# unless a tile size is given, which selects the tiled kernel.
-LOSS_PATHS = {"rows-in-grad-buffer": None, "tiles": 1 << 23}
+# The S-DPO loss's two paths with a trainable weight: a batch of at most D logit rows whose logits
+# exceed the base tile runs through the plain op's kernels with every row kept in the dW-shaped buffer
+# (for these tests' small batches, the base tile is shrunk to 1 element), unless a tile size is given.
+LOSS_PATHS = ["rows-in-grad-buffer", "tiles"]
+
+
+@pytest.fixture(params=LOSS_PATHS)
+def loss_tile(request, monkeypatch):
+    """tile_elements for the loss, selecting one path of LOSS_PATHS."""
+    import sdpo_fast.native as nat
+
+    if request.param == "tiles":
+        return 1 << 23
+    monkeypatch.setattr(nat, "DEFAULT_TILE_ELEMENTS", 1)
+    return None
 
 
 @pytest.mark.parametrize("opts", SEQ_OPTIONS.values(), ids=SEQ_OPTIONS.keys())
@@ -209,10 +220,9 @@ def test_nothing_kept_without_a_backward(spy):
     assert seen[3][:3] == (True, sdpo_fast.native.DEFAULT_KEEP_ELEMENTS, False) and seen[3][3:] == (True, True, False)
 
 
-# tile_elements: default (38 rows <= D: every row kept in the dW-shaped buffer); every group in one
-# tile (no recompute); ~6 rows (groups merged where they fit, the larger ones recomputed); 1 (every
-# group over budget: the recompute fallback throughout).
-@pytest.mark.parametrize("tile", [None, V * 1000, V * 6, 1])
+# tile_elements: default (every group in one tile, no recompute); ~6 rows (groups merged where they
+# fit, the larger ones recomputed); 1 (every group over budget: the recompute fallback throughout).
+@pytest.mark.parametrize("tile", [None, V * 6, 1])
 @pytest.mark.parametrize("beta,sft_weight", [(1.0, 0.0), (0.3, 0.5)])
 def test_fused_loss_and_gradients_match_fp64(tile, beta, sft_weight):
     groups = random_groups(1, n_groups=5)
@@ -265,30 +275,42 @@ def test_default_tile_grows_to_hold_the_largest_group(monkeypatch, spy):
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_loss_path_follows_rows_weight_and_tile(spy):
+def test_loss_path_follows_rows_weight_and_tile(monkeypatch, spy):
     """Which kernel the loss runs: the plain op's (keeping all rows in the dW-shaped buffer) for a
-    trainable weight and at most D rows without a tile size; projected for a frozen weight; the tiled
-    kernel for more rows or an explicit tile_elements / chunk_rows. Every case against fp64."""
+    trainable weight, at most D rows and more logits than the base tile, without a tile size;
+    projected for a frozen weight; otherwise the tiled kernel. Every case against fp64."""
     import sdpo_fast.native as nat
 
+    monkeypatch.setattr(nat, "DEFAULT_TILE_ELEMENTS", V * 10)  # base tile: 10 rows
     seen = spy("logprobs_forward", lambda a, out: ("plain", a[6], a[10]))  # keep_in_grad, project
     spy("sdpo_loss", lambda a, out: ("tiled", a[-1]))
-    for n_groups, frozen, opts, expected in [
-        (4, False, {}, ("plain", True, False)),
-        (4, True, {}, ("plain", False, True)),
-        (4, False, {"tile_elements": V * 4}, ("tiled", V * 4)),
-        (4, False, {"chunk_rows": 5}, ("tiled", V * 5)),
-        (12, False, {}, ("tiled", nat.DEFAULT_TILE_ELEMENTS)),
-    ]:
-        groups = random_groups(10 + n_groups, n_groups=n_groups, max_k=6, max_len=5)
+    cases = {  # name: (groups, max_k, max_len, frozen, options)
+        "few-rows": (4, 6, 5, False, {}),
+        "frozen-weight": (4, 6, 5, True, {}),
+        "tile-given": (4, 6, 5, False, {"tile_elements": V * 4}),
+        "chunk-rows-given": (4, 6, 5, False, {"chunk_rows": 5}),
+        "more-rows-than-D": (12, 6, 5, False, {}),
+        "fits-the-base-tile": (1, 1, 2, False, {}),
+    }
+    for name, (n_groups, max_k, max_len, frozen, opts) in cases.items():
+        groups = random_groups(10 + n_groups, n_groups=n_groups, max_k=max_k, max_len=max_len)
         batch = sdpo_fast.pack_groups(groups)
-        assert (batch.logit_rows.numel() <= D) == (n_groups == 4)
+        rows = batch.logit_rows.numel()
+        expected = {
+            "few-rows": ("plain", True, False),
+            "frozen-weight": ("plain", False, True),
+            "tile-given": ("tiled", V * 4),
+            "chunk-rows-given": ("tiled", V * 5),
+            "more-rows-than-D": ("tiled", nat.default_tile_elements(batch, V)),
+            "fits-the-base-tile": ("tiled", V * 10),
+        }[name]
+        assert (10 < rows <= D) if n_groups == 4 else (rows > D if n_groups == 12 else rows <= 10), (name, rows)
         h, w = leaves(num_tokens(batch), seed=n_groups, frozen=frozen)
         ref = torch.randn(batch.candidate_mask.shape) - 6.0
         seen.clear()
         loss, metrics = fused_sdpo_loss(h, w, batch, ref, sft_weight=0.2, backend="native", **opts)
         loss.backward()
-        assert seen == [expected]
+        assert seen == [expected], name
         h64, w64 = fp64_copies(h, w)
         logps64 = naive_logps(h64, w64, groups, batch)
         naive_loss(logps64, ref.double(), batch, 1.0, 0.2).backward()
@@ -389,8 +411,7 @@ def test_frozen_weight_both_ops(chunk_rows):
     torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("tile", LOSS_PATHS.values(), ids=LOSS_PATHS.keys())
-def test_frozen_hidden_and_3d_hidden(tile):
+def test_frozen_hidden_and_3d_hidden(loss_tile):
     """Only dW wanted (hidden without grad), hidden given as [R, L, D]."""
     groups = random_groups(7)
     batch = sdpo_fast.pack_groups(groups, max_tokens_per_row=30)
@@ -399,7 +420,7 @@ def test_frozen_hidden_and_3d_hidden(tile):
     h = h.detach().view(R, L, D)
     h64, w64 = fp64_copies(h.view(R * L, D), w)
     ref = torch.randn(batch.candidate_mask.shape) - 6.0
-    loss, _ = fused_sdpo_loss(h, w, batch, ref, backend="native", tile_elements=tile)
+    loss, _ = fused_sdpo_loss(h, w, batch, ref, backend="native", tile_elements=loss_tile)
     loss.backward()
     naive_loss(naive_logps(h64, w64, groups, batch), ref.double(), batch, 1.0, 0.0).backward()
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
@@ -421,9 +442,8 @@ def test_frozen_hidden_and_3d_hidden(tile):
     torch.testing.assert_close(h3.grad.view(R * L, D).double(), h64.grad, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("tile", LOSS_PATHS.values(), ids=LOSS_PATHS.keys())
 @pytest.mark.parametrize("sft_weight", [0.0, 0.4])
-def test_shared_rows_and_repeated_tokens(sft_weight, tile):
+def test_shared_rows_and_repeated_tokens(sft_weight, loss_tile):
     """Candidates of one token (every target on the prompt's shared last row), repeated first tokens
     and identical candidates; with sft_weight 0 the shared row's summed dL/dlogp is exactly 0."""
     groups = [
@@ -434,7 +454,8 @@ def test_shared_rows_and_repeated_tokens(sft_weight, tile):
     batch = sdpo_fast.pack_groups(groups)
     h, w = leaves(num_tokens(batch), seed=3)
     ref = torch.randn(batch.candidate_mask.shape) - 6.0
-    loss, metrics = fused_sdpo_loss(h, w, batch, ref, sft_weight=sft_weight, backend="native", tile_elements=tile)
+    loss, metrics = fused_sdpo_loss(h, w, batch, ref, sft_weight=sft_weight, backend="native",
+                                    tile_elements=loss_tile)
     loss.backward()
     h64, w64 = fp64_copies(h, w)
     logps64 = naive_logps(h64, w64, groups, batch)
@@ -444,8 +465,7 @@ def test_shared_rows_and_repeated_tokens(sft_weight, tile):
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("tile", LOSS_PATHS.values(), ids=LOSS_PATHS.keys())
-def test_confident_and_extreme_logits(tile):
+def test_confident_and_extreme_logits(loss_tile):
     """Logits spanning hundreds of nats (exp underflow) and p(target) ~ 1: (p - 1) must not cancel."""
     groups = random_groups(4, n_groups=3, max_len=2)
     batch = sdpo_fast.pack_groups(groups)
@@ -454,7 +474,7 @@ def test_confident_and_extreme_logits(tile):
         rows = batch.logit_rows.index_select(0, batch.target_rows)
         h[rows] += 0.5 * w[batch.target_ids]
     ref = torch.randn(batch.candidate_mask.shape) - 2.0
-    loss, metrics = fused_sdpo_loss(h, w, batch, ref, sft_weight=0.3, backend="native", tile_elements=tile)
+    loss, metrics = fused_sdpo_loss(h, w, batch, ref, sft_weight=0.3, backend="native", tile_elements=loss_tile)
     loss.backward()
     h64, w64 = fp64_copies(h, w)
     logps64 = naive_logps(h64, w64, groups, batch)
