@@ -14,7 +14,6 @@
 // 1.11x faster on oneDNN), hence kOneDnnMinWork.
 #include "gemm.h"
 
-#include <cmath>
 #include <mutex>
 
 namespace at::native {

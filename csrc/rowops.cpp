@@ -77,10 +77,6 @@ SDPO_CLONES void row_scaled_exp(float* x, int64_t V, float shift, float a) {
   for (int64_t v = 0; v < V; ++v) x[v] = a * exp_neg(x[v] - shift);
 }
 
-}  // namespace
-
-namespace {
-
 float tile_row_max(const BlockedTile& x, int64_t r) {
   float m = -std::numeric_limits<float>::infinity();
   for (int64_t b = 0; b < x.blocks(); ++b) m = std::max(m, row_max(x.segment(r, b), x.len(b)));

@@ -321,29 +321,21 @@ def test_loss_path_follows_rows_weight_and_tile(monkeypatch, spy):
 
 
 @pytest.fixture(params=["onednn", "blas"])
-def gemm_engine(request):
+def gemm_engine(request, monkeypatch):
     """Runs a test on each library the native GEMMs can use (gemm.cpp): oneDNN's matmul where torch
     has it, and torch's BLAS, which torch.backends.mkldnn.enabled = False selects."""
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = request.param == "onednn"
-    try:
-        if sdpo_fast.native.gemm_engine() != request.param:
-            pytest.skip(f"{request.param} GEMMs are not available with this torch / CPU")
-        yield request.param
-    finally:
-        torch.backends.mkldnn.enabled = enabled
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", request.param == "onednn")
+    if sdpo_fast.native.gemm_engine() != request.param:
+        pytest.skip(f"{request.param} GEMMs are not available with this torch / CPU")
+    return request.param
 
 
-def test_gemm_engine_follows_the_mkldnn_switch_and_the_size():
-    enabled = torch.backends.mkldnn.enabled
-    try:
-        torch.backends.mkldnn.enabled = False
-        assert sdpo_fast.native.gemm_engine() == "blas"
-        torch.backends.mkldnn.enabled = True
-        assert sdpo_fast.native.gemm_engine() in ("onednn", "blas")
-        assert sdpo_fast.native.gemm_engine(work=(1 << 28) - 1) == "blas"  # small calls: no per-shape JIT
-    finally:
-        torch.backends.mkldnn.enabled = enabled
+def test_gemm_engine_follows_the_mkldnn_switch_and_the_size(monkeypatch):
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    assert sdpo_fast.native.gemm_engine() == "blas"
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", True)
+    assert sdpo_fast.native.gemm_engine() in ("onednn", "blas")
+    assert sdpo_fast.native.gemm_engine(work=(1 << 28) - 1) == "blas"  # small calls: no per-shape JIT
 
 
 @pytest.mark.parametrize("tile", [None, 1])
