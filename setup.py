@@ -1,11 +1,12 @@
-"""Build script: the Triton kernels in ./kernels ship as ``sdpo_fast.kernels`` (never a top-level
-``kernels`` module), and csrc/ compiles into the ``sdpo_fast._native`` CPU extension.
+"""Build script: the kernel folders in ./kernels ship as ``sdpo_fast.kernels`` (one subpackage per op,
+never a top-level ``kernels`` module), and csrc/ compiles into the ``sdpo_fast.kernels._native`` CPU
+extension (loaded by ``kernels/extension.py``).
 
 The extension is built with torch's extension builder (ninja) against the torch that is importable
 here, so it is only built when the build can see the installed torch: ``pip install
 --no-build-isolation ...`` (``.ci/run`` does this). Under pip's default build isolation torch is not
 importable (and must not be, or pip would fetch a multi-GB CUDA wheel into the isolated environment);
-the package then installs without it and ``sdpo_fast.native`` compiles the same sources on first use.
+the package then installs without it and ``kernels/extension.py`` compiles the same sources on first use.
 ``SDPO_FAST_NO_EXT=1`` skips the build. A failing compiler never fails the install: the package
 imports and the ``"auto"`` backend falls back to torch with one warning.
 """
@@ -19,14 +20,15 @@ from setuptools import setup
 # extension (a wheel built without torch in sight, a non-editable install) can still compile it on
 # first use.
 PACKAGES = dict(
-    packages=["sdpo_fast", "sdpo_fast.kernels", "sdpo_fast._csrc"],
+    packages=["sdpo_fast", "sdpo_fast.kernels", "sdpo_fast.kernels.logprobs", "sdpo_fast.kernels.attention",
+              "sdpo_fast._csrc"],
     package_dir={"sdpo_fast": "sdpo_fast", "sdpo_fast.kernels": "kernels", "sdpo_fast._csrc": "csrc"},
     package_data={"sdpo_fast._csrc": ["*.cpp", "*.h"]},
 )
 
 
 def _native_extension():
-    """``(ext_modules, cmdclass)`` for sdpo_fast._native, or empty when it is not to be built."""
+    """``(ext_modules, cmdclass)`` for sdpo_fast.kernels._native, or empty when it is not to be built."""
     if os.environ.get("SDPO_FAST_NO_EXT", "0") not in ("", "0"):
         print("sdpo_fast: SDPO_FAST_NO_EXT is set; not building the native CPU extension", file=sys.stderr)
         return [], {}
@@ -51,8 +53,9 @@ def _native_extension():
                       "the torch backend will be used", file=sys.stderr)
 
     ext = CppExtension(
-        name="sdpo_fast._native",
-        sources=["csrc/sdpo_native.cpp", "csrc/rowops.cpp", "csrc/gemm.cpp"],
+        name="sdpo_fast.kernels._native",
+        # the list kernels/extension.py compiles on first use (SOURCES there)
+        sources=["csrc/gemm.cpp", "csrc/rowops.cpp", "csrc/logprobs.cpp", "csrc/sdpo_loss.cpp", "csrc/bindings.cpp"],
         extra_compile_args=["-O3", "-fopenmp"],
         extra_link_args=["-fopenmp"],
     )

@@ -1,7 +1,7 @@
 """Shared-prefix attention: the Triton kernel against the alternatives, same data, same process.
 
 Methods (forward, and forward + backward):
-  triton  : ``sdpo_fast.kernels.attention`` on the packed layout (groups back to back in one row)
+  triton  : ``sdpo_fast.kernels.attention.launch`` on the packed layout (groups back to back in one row)
   flex    : FlexAttention with the same shared-prefix mask (BlockMask built once per shape, outside the
             timing; ``flex_attention`` compiled), native GQA
   sdpa    : ``F.scaled_dot_product_attention`` with the dense boolean mask ``[1, 1, L, L]``; KV heads
@@ -44,8 +44,8 @@ import triton  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import sdpo_fast  # noqa: E402
-from sdpo_fast.attention import torch_shared_prefix_attention  # noqa: E402
-from sdpo_fast.kernels.attention import triton_shared_prefix_attention  # noqa: E402
+from sdpo_fast.kernels.attention.reference import torch_shared_prefix_attention  # noqa: E402
+from sdpo_fast.kernels.attention.launch import triton_shared_prefix_attention  # noqa: E402
 
 # Covers every K and the prompt range in five shapes; flex recompiles per shape, which dominates.
 REPEATS = 5  # CPU wall-clock repeats (--repeats)

@@ -398,7 +398,7 @@ def main(argv=None):
         return
     if args.aot:
         os.environ.pop("TRITON_INTERPRET", None)
-        from sdpo_fast.kernels.logprobs_aot import aot_report
+        from sdpo_fast.kernels.logprobs.aot import aot_report
 
         print(aot_report())
         return

@@ -229,7 +229,7 @@ def main(argv=None):
     native = "native" in backends.available("sdpo_loss")
     engine = None
     if native:
-        from sdpo_fast.native import gemm_engine
+        from sdpo_fast.kernels.extension import gemm_engine
 
         engine = gemm_engine(int(batch.logit_rows.numel()) * args.vocab * args.dim)
     rows = [r for r in ROWS if not r.startswith("native") or (native and (engine == "onednn" or "_blas" not in r))]

@@ -74,7 +74,7 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$SITE"
 # The native extension is the CPU path: without this its first import compiles it (about a minute of
 # device time, seen on the H200 run of 2026-11-27).
 export SDPO_FAST_NO_EXT=1
-if ! "$PY" -c "import sdpo_fast.kernels.logprobs" 2>/dev/null; then
+if ! "$PY" -c "import sdpo_fast.kernels.logprobs.triton" 2>/dev/null; then
     step install_sdpo_fast 120 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
 fi
 "$PY" - > "$OUT/env.json" <<'EOF'

@@ -1,5 +1,5 @@
 // Row kernels of the native backend: the per-row passes over a logits tile (fp32). Plain C++ + OpenMP,
-// no ATen: the GEMMs that produce and consume the tile live in sdpo_native.cpp. Target indices
+// no ATen: the GEMMs that produce and consume the tile live in sdpo_loss.cpp and logprobs.cpp. Target indices
 // (`row_ptr`, `target_ids`, per-target arrays) are absolute offsets into the batch's CSR arrays; every
 // offset is int64.
 #pragma once
@@ -46,7 +46,7 @@ void rows_fused_grad(const BlockedTile& x, const int64_t* row_ptr, const int64_t
 void rows_recompute_grad(const BlockedTile& x, const int64_t* row_ptr, const int64_t* target_ids, const float* g_t,
                          const float* lse, int num_threads);
 
-// Vocabulary-block passes of the plain log-prob op (sdpo_native.cpp, op "logprobs"). x is the block
+// Vocabulary-block passes of the plain log-prob op (logprobs.cpp, op "logprobs"). x is the block
 // [n, len] of logits (row-major, rows contiguous) of rows [0, n) and vocabulary ids [v0, v0 + len);
 // row_ptr, m, s, lse and g_row are shifted to the block's first row, target offsets stay absolute.
 //

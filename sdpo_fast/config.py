@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields
 from transformers import HfArgumentParser
 
 from . import backends
+from .kernels.options import OPS
+from .kernels.options import resolve as resolve_options
 
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -75,6 +77,11 @@ class TrainArguments:
         metadata={"help": "precompute (one pass before S-DPO, cached) | live (LoRA: adapters disabled)"},
     )
     backend: str = field(default="auto", metadata={"help": "auto | cublas | triton | native | torch"})
+    backend_options: str | None = field(
+        default=None,
+        metadata={"help": 'JSON {"logprobs": {...}, "sdpo_loss": {...}}: the --backend\'s tuning options '
+                          "(README, Backend options); needs an explicit --backend"},
+    )
     deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config (see configs/)"})
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
     bf16: bool | None = field(default=None, metadata={"help": "default: on for CUDA, off on CPU"})
@@ -125,6 +132,36 @@ def parse_args(argv=None):
     return model_args, data_args, train_args
 
 
+def _check_backend_options(train_args: TrainArguments) -> list[str]:
+    """Parses ``--backend_options`` (a JSON string, or a mapping from a config file) into a dict in place
+    and checks it against the backend's options; returns the problems found."""
+    opts = train_args.backend_options
+    if opts is None:
+        train_args.backend_options = {}
+        return []
+    if isinstance(opts, str):
+        try:
+            opts = json.loads(opts)
+        except json.JSONDecodeError as exc:
+            return [f"--backend_options: not valid JSON ({exc})"]
+    if not isinstance(opts, dict) or not all(isinstance(v, dict) for v in opts.values()):
+        return ['--backend_options must map ops to option mappings, e.g. {"sdpo_loss": {"tile_elements": 4194304}}']
+    train_args.backend_options = opts
+    if train_args.backend == "auto":
+        return ["--backend_options needs an explicit --backend (each backend has its own options)"]
+    problems = []
+    for op, given in opts.items():
+        if op not in OPS:
+            problems.append(f"--backend_options: unknown op {op!r}; ops: {', '.join(OPS)}")
+            continue
+        try:
+            impl = backends.implementation(op, train_args.backend)
+            resolve_options(impl.Options, train_args.backend, op, "cpu", given)
+        except ValueError as exc:
+            problems.append(f"--backend_options: {exc}")
+    return problems
+
+
 def validate(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> None:
     """Errors that need no model or data, raised before any work (``SystemExit`` with a message)."""
     problems = []
@@ -145,6 +182,7 @@ def validate(model_args: ModelArguments, data_args: DataArguments, train_args: T
         )
     if train_args.backend not in backends.BACKENDS:
         problems.append(f"--backend must be one of {', '.join(backends.BACKENDS)}, got {train_args.backend!r}")
+    problems += _check_backend_options(train_args)
     if train_args.eval not in ("none", "ranking", "generation", "both"):
         problems.append(f"--eval must be none, ranking, generation or both, got {train_args.eval!r}")
     if train_args.batch_size < 1:

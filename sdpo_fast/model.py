@@ -9,6 +9,7 @@ import torch
 from . import backends
 from .attention import enable_shared_prefix, packed_forward
 from .logprobs import sequence_logprobs
+from .loss import fused_sdpo_loss
 from .packing import PackedBatch
 
 __all__ = ["candidate_logprobs", "candidate_sdpo_loss", "unwrap_causal_lm", "output_weight"]
@@ -100,7 +101,7 @@ def _run(model, lm, fn):
         return model()
 
 
-def candidate_logprobs(model, batch: PackedBatch, backend: str = "auto") -> torch.Tensor:
+def candidate_logprobs(model, batch: PackedBatch, backend: str = "auto", options: dict | None = None) -> torch.Tensor:
     """Sequence log-probs of every candidate of every group, in one forward over the packed rows.
 
     Args:
@@ -111,6 +112,7 @@ def candidate_logprobs(model, batch: PackedBatch, backend: str = "auto") -> torc
         backend: ``"auto"``, ``"cublas"``, ``"triton"``, ``"native"`` or ``"torch"`` for the log-prob
             op; attention uses the same backend where one is registered (``"triton"`` for
             ``"cublas"``), else the torch reference.
+        options: the log-prob backend's tuning knobs (``sequence_logprobs``'s options), or None.
 
     Returns:
         ``[G, C]`` float32, 0 where ``batch.candidate_mask`` is False; differentiable when grad is on.
@@ -120,7 +122,8 @@ def candidate_logprobs(model, batch: PackedBatch, backend: str = "auto") -> torc
 
     def run():
         hidden = _final_hidden(lm, batch, backend)
-        return _through_lm_head(lm, lambda h, w: sequence_logprobs(h, w, batch, backend=backend), hidden)
+        return _through_lm_head(lm, lambda h, w: sequence_logprobs(h, w, batch, backend=backend, **(options or {})),
+                                 hidden)
 
     return _run(model, lm, run)
 
@@ -134,24 +137,25 @@ def candidate_sdpo_loss(
     sft_weight: float = 0.0,
     reduction: str = "mean",
     backend: str = "auto",
+    options: dict | None = None,
 ):
     """``fused_sdpo_loss`` on the model's packed forward: the training loss of one S-DPO step.
 
     Args:
-        model, batch, backend: as for ``candidate_logprobs``.
+        model, batch, backend: as for ``candidate_logprobs``; options: the loss backend's tuning knobs
+            (``fused_sdpo_loss``'s options), or None.
         ref_logps: ``[G, C]`` reference log-probs (``candidate_logprobs`` of the reference model).
         beta, sft_weight, reduction: as for ``sdpo_fast.loss.fused_sdpo_loss``.
 
     Returns:
         ``(loss, metrics)`` as ``fused_sdpo_loss``.
     """
-    from .fused_loss import fused_sdpo_loss
-
     lm = unwrap_causal_lm(model)
     output_weight(lm)
 
     def loss_of(h, w):
-        return fused_sdpo_loss(h, w, batch, ref_logps, beta=beta, sft_weight=sft_weight, reduction=reduction, backend=backend)
+        return fused_sdpo_loss(h, w, batch, ref_logps, beta=beta, sft_weight=sft_weight, reduction=reduction,
+                               backend=backend, **(options or {}))
 
     return _run(model, lm, lambda: _through_lm_head(lm, loss_of, _final_hidden(lm, batch, backend)))
 

@@ -58,6 +58,9 @@ class PackedBatch:
     Host metadata (Python ints, never synced from device):
         group_spans  ``((row, start, end), ...)`` per group, start/end within the row
         group_layout ``((prompt_len, (len_0, ..., len_K)), ...)`` per group
+        group_rows   ``((r0, r1, t0, t1), ...)`` per group: its logit rows ``[r0, r1)`` and targets
+                     ``[t0, t1)``, consecutive ranges in group order (what the kernels' whole-group
+                     chunks and tiles are cut from)
         max_span     largest prompt + candidate length: positions used (for sliding-window checks)
     """
 
@@ -77,6 +80,7 @@ class PackedBatch:
     target_candidates: torch.Tensor
     group_spans: tuple
     group_layout: tuple
+    group_rows: tuple
     max_span: int
 
     @property
@@ -101,6 +105,12 @@ class PackedBatch:
     @property
     def num_targets(self) -> int:
         return self.target_ids.shape[0]
+
+    @property
+    def group_row_ptr(self) -> torch.Tensor:
+        """``[G + 1]`` int64 CPU tensor: group g owns logit rows ``[group_row_ptr[g], group_row_ptr[g + 1])``
+        (from the host ``group_rows``; no device sync)."""
+        return torch.tensor([0] + [r1 for _, r1, _, _ in self.group_rows], dtype=torch.long)
 
     @property
     def device(self) -> torch.device:
@@ -262,6 +272,7 @@ def pack_groups(
     row_ptr: list[int] = [0]
     target_ids: list[int] = []
     target_cands: list[int] = []
+    group_rows: list = [None] * G
 
     for r, members in enumerate(rows):
         off = 0
@@ -275,6 +286,7 @@ def pack_groups(
             input_ids[r, off : off + P] = torch.tensor(prompt)
             position_ids[r, off : off + P] = torch.arange(P)
             group_ids[r, off : off + group_tokens[gi]] = gi
+            r0, t0 = len(logit_rows), len(target_ids)
             # The prompt's last row predicts token 0 of every candidate.
             logit_rows.append(base + P - 1)
             for j, c in enumerate(cands):
@@ -295,6 +307,7 @@ def pack_groups(
                     target_cands.append(gi * C + j)
                     row_ptr.append(len(target_ids))
                 pos += n
+            group_rows[gi] = (r0, len(logit_rows), t0, len(target_ids))
             off += group_tokens[gi]
 
     row_ptr_t = torch.tensor(row_ptr, dtype=torch.long)
@@ -316,6 +329,7 @@ def pack_groups(
         target_candidates=torch.tensor(target_cands, dtype=torch.long),
         group_spans=tuple(spans),
         group_layout=tuple((len(p), tuple(len(c) for c in cs)) for p, cs in parsed),
+        group_rows=tuple(group_rows),
         max_span=max(len(p) + max(len(c) for c in cs) for p, cs in parsed),
     )
     return batch.to(device) if device is not None else batch

@@ -232,10 +232,12 @@ def run_stage(stage, runtime, tokenizer, train_ds, data_args, train_args, log, s
             beta, sft_weight = train_args.beta, train_args.sft_weight
         else:
             with torch.no_grad(), runtime.module.disable_adapter():
-                ref = candidate_logprobs(runtime.model, packed, backend=train_args.backend)
+                ref = candidate_logprobs(runtime.model, packed, backend=train_args.backend,
+                                         options=(train_args.backend_options or {}).get("logprobs"))
             beta, sft_weight = train_args.beta, train_args.sft_weight
         loss, metrics = candidate_sdpo_loss(
-            runtime.model, packed, ref, beta=beta, sft_weight=sft_weight, backend=train_args.backend
+            runtime.model, packed, ref, beta=beta, sft_weight=sft_weight, backend=train_args.backend,
+            options=(train_args.backend_options or {}).get("sdpo_loss"),
         )
         lr_now = schedule(step)
         grad_norm = runtime.backward_and_step(loss, lr_now)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from native_cases import LOSS_PATHS
 
 # Triton kernels run on CPU through the interpreter; it must be set before triton is imported.
 if not torch.cuda.is_available():
@@ -43,3 +44,59 @@ def load_benchmark(name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+# ---- fixtures of the native backend's tests (tests/test_native_*.py) ----------------------------
+
+
+@pytest.fixture(params=LOSS_PATHS)
+def loss_tile(request, monkeypatch):
+    """tile_elements for the loss, selecting one path of LOSS_PATHS."""
+    import sdpo_fast.kernels.logprobs.native as nat
+
+    if request.param == "tiles":
+        return 1 << 23
+    monkeypatch.setattr(nat, "DEFAULT_TILE_ELEMENTS", 1)
+    return None
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """watch(kernel, record): from then on every call of the extension's `kernel` appends
+    record(args, outputs) to the list watch returns (one list for all watched kernels)."""
+    import sdpo_fast.kernels.logprobs.native as nat
+
+    real, records, seen = nat.extension, {}, []
+
+    class Spy:
+        def __getattr__(self, name):
+            kernel = getattr(real, name)
+            if name not in records:
+                return kernel
+
+            def watched(*args):
+                out = kernel(*args)
+                seen.append(records[name](args, out))
+                return out
+
+            return watched
+
+    monkeypatch.setattr(nat, "extension", Spy())
+
+    def watch(kernel, record):
+        records[kernel] = record
+        return seen
+
+    return watch
+
+
+@pytest.fixture(params=["onednn", "blas"])
+def gemm_engine(request, monkeypatch):
+    """Runs a test on each library the native GEMMs can use (gemm.cpp): oneDNN's matmul where torch
+    has it, and torch's BLAS, which torch.backends.mkldnn.enabled = False selects."""
+    import sdpo_fast.kernels.logprobs.native as nat
+
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", request.param == "onednn")
+    if nat.gemm_engine() != request.param:
+        pytest.skip(f"{request.param} GEMMs are not available with this torch / CPU")
+    return request.param

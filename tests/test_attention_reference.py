@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import sdpo_fast
-from sdpo_fast.attention import torch_shared_prefix_attention
+from sdpo_fast.kernels.attention.reference import torch_shared_prefix_attention
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (6, 2)])

@@ -17,6 +17,7 @@ from transformers import (
 )
 
 import sdpo_fast
+from references import naive_model_logprobs
 from sdpo_fast.loss import sdpo_loss
 
 V = 101
@@ -49,17 +50,7 @@ def random_groups(seed, n_groups=3):
 
 
 def naive_logprobs(model, groups, C):
-    """[G, C] fp32: prompt + candidate through the model, full logits, log_softmax, sum over the candidate."""
-    out = torch.zeros(len(groups), C)
-    rows = []
-    for gi, (prompt, cands) in enumerate(groups):
-        for j, c in enumerate(cands):
-            logits = model(torch.tensor([prompt + c])).logits[0].float()
-            lp = logits.log_softmax(-1)[len(prompt) - 1 : len(prompt) - 1 + len(c)]
-            rows.append((gi, j, lp.gather(1, torch.tensor(c)[:, None]).sum()))
-    for gi, j, v in rows:
-        out = out.index_put((torch.tensor(gi), torch.tensor(j)), v)
-    return out
+    return naive_model_logprobs(model, groups, C)
 
 
 def loss_of(logps, ref, mask):

@@ -1,8 +1,8 @@
-"""``"cublas"`` backend (``kernels/logprobs_cublas.py``: library GEMMs + Triton row kernels) against
+"""``"cublas"`` backend (``kernels/logprobs/cublas.py``: library GEMMs + Triton row kernels) against
 fp64 references.
 
 On CPU the GEMMs are torch's and the row kernels run under ``TRITON_INTERPRET=1``; on CUDA the same
-tests run with cuBLAS (bf16 too). References and tolerances are those of ``test_triton_logprobs``:
+tests run with cuBLAS (bf16 too). References and tolerances are those of ``logprob_checks``:
 fp64 log-softmax of materialised logits walked per candidate, fp64 autograd, and an error within 2x
 the torch backend's own error in the same dtype plus a dtype floor.
 """
@@ -17,10 +17,11 @@ from sdpo_fast import backends
 from sdpo_fast.loss import fused_sdpo_loss
 
 pytest.importorskip("triton")
-cb = pytest.importorskip("sdpo_fast.kernels.logprobs_cublas")
-from test_triton_logprobs import (  # noqa: E402
-    CASES, FLOOR, V, assert_close_rule, check_fused_loss, check_sequence_logprobs, reference_logps, rel, setup,
+cb = pytest.importorskip("sdpo_fast.kernels.logprobs.cublas")
+from logprob_checks import (  # noqa: E402
+    CASES, FLOOR, V, assert_close_rule, backend_loss, check_fused_loss, check_sequence_logprobs, rel, setup,
 )
+from references import reference_logps  # noqa: E402
 
 
 def test_registered_and_preferred_on_cuda():
@@ -79,9 +80,9 @@ def test_frozen_weight_and_no_grad(device, dtype):
     groups, batch, hidden, weight = setup(device, dtype, seed=5, n_groups=3)
     G, C = batch.candidate_mask.shape
     ref_logps = torch.zeros(G, C, device=device)
-    loss_g, logps, dh, dw = cb.cublas_sdpo_loss(hidden, weight, batch, ref_logps, 1.0, 0.0, True, False, chunk_rows=4)
+    loss_g, logps, dh, dw = backend_loss("cublas", hidden, weight, batch, ref_logps, 1.0, 0.0, True, False, chunk_rows=4)
     assert dw is None and dh is not None
-    loss_n, logps_n, dh_n, dw_n = cb.cublas_sdpo_loss(hidden, weight, batch, ref_logps, 1.0, 0.0, False, False)
+    loss_n, logps_n, dh_n, dw_n = backend_loss("cublas", hidden, weight, batch, ref_logps, 1.0, 0.0, False, False)
     assert dh_n is None and dw_n is None
     torch.testing.assert_close(loss_n, loss_g)
     torch.testing.assert_close(logps_n, logps)

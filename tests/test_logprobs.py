@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import sdpo_fast
+from references import reference_logps
 from sdpo_fast import backends
 
 
@@ -20,22 +21,6 @@ def make_batch(seed, n_groups=3, vocab=257, **kw):
         ]
         groups.append((prompt, cands))
     return groups, sdpo_fast.pack_groups(groups, **kw)
-
-
-def reference_logps(hidden, weight, groups, batch):
-    """Per candidate, walk its tokens on the packed row and sum log_softmax of full fp64 logits."""
-    logp = (hidden.double() @ weight.double().T).log_softmax(-1)
-    out = torch.zeros(batch.candidate_mask.shape, dtype=torch.float64)
-    for gi, (prompt, cands) in enumerate(groups):
-        start = batch.group_starts[gi].item()
-        pos = start + len(prompt)
-        for j, c in enumerate(cands):
-            prev = start + len(prompt) - 1
-            for i, tok in enumerate(c):
-                out[gi, j] = out[gi, j] + logp[prev, tok]
-                prev = pos + i
-            pos += len(c)
-    return out
 
 
 @pytest.mark.parametrize("chunk_rows", [None, 1, 4])

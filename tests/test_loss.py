@@ -7,22 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import sdpo_fast
-from sdpo_fast.fused_loss import group_loss_and_grad
-from sdpo_fast.loss import fused_sdpo_loss, sdpo_loss, sdpo_metrics
-
-
-def naive_sdpo(pc, pr, rc, rr, beta, mask=None):
-    """The paper's formula with a per-group Python loop in fp64: -log sigmoid(-log sum_j exp(...))."""
-    out = []
-    for g in range(pc.shape[0]):
-        terms = [
-            math.exp(beta * ((pr[g, j] - rr[g, j]) - (pc[g] - rc[g])).item())
-            for j in range(pr.shape[1])
-            if mask is None or mask[g, j]
-        ]
-        x = -math.log(sum(terms)) if terms else math.inf
-        out.append(-math.log(1.0 / (1.0 + math.exp(-x))) if terms else 0.0)
-    return torch.tensor(out, dtype=torch.float64)
+from references import naive_sdpo
+from sdpo_fast.loss import fused_sdpo_loss, group_loss_and_grad, sdpo_loss, sdpo_metrics
 
 
 def rand_logps(G, K, scale=3.0):

@@ -9,11 +9,14 @@ import torch
 import torch.nn.functional as F
 
 import sdpo_fast
+from references import dense_attention as dense_reference
+from references import naive_model_logprobs
 from sdpo_fast import backends
-from sdpo_fast.attention import packed_forward, torch_shared_prefix_attention
+from sdpo_fast.attention import packed_forward
+from sdpo_fast.kernels.attention.reference import torch_shared_prefix_attention
 from sdpo_fast.logprobs import sequence_logprobs
 
-attn = pytest.importorskip("sdpo_fast.kernels.attention")
+attn = pytest.importorskip("sdpo_fast.kernels.attention.launch")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = attn.INTERPRETER_CONFIG
@@ -51,15 +54,6 @@ def qkv(batch, H, Hkv, Dh, dtype, seed=1):
     k = torch.randn(R, Hkv, L, Dh, generator=gen)
     v = torch.randn(R, Hkv, L, Dh, generator=gen)
     return [t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v)]
-
-
-def dense_reference(q, k, v, batch, scaling, dtype=torch.float64):
-    """Dense-mask SDPA in ``dtype``; output [R, L, H, Dh] zeroed at padding; grads flow to the inputs."""
-    mask = batch.attention_mask()
-    o = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, scale=scaling,
-                                       enable_gqa=q.shape[1] != k.shape[1])
-    real = (batch.group_ids >= 0)[:, :, None, None]
-    return o.transpose(1, 2) * real
 
 
 def outputs_and_grads(fn, q, k, v, dout):
@@ -212,14 +206,7 @@ def tiny_llama():
 
 
 def naive_logprobs(model, groups, C):
-    """[G, C]: each candidate with its own copy of the prompt through the unmodified model."""
-    rows = [[torch.zeros((), device=DEVICE)] * C for _ in groups]
-    for gi, (prompt, cands) in enumerate(groups):
-        for j, c in enumerate(cands):
-            logits = model(torch.tensor([prompt + c], device=DEVICE)).logits[0].float()
-            lp = logits.log_softmax(-1)[len(prompt) - 1 : len(prompt) - 1 + len(c)]
-            rows[gi][j] = lp.gather(1, torch.tensor(c, device=DEVICE)[:, None]).sum()
-    return torch.stack([torch.stack(r) for r in rows])
+    return naive_model_logprobs(model, groups, C, DEVICE)
 
 
 def triton_logprobs(model, batch):
@@ -240,7 +227,7 @@ def test_candidate_logprobs_tiny_gqa_llama_matches_naive_forward_and_gradients(m
     torch.manual_seed(0)
     calls = []
     kernel = backends.get("attention", "triton", DEVICE)
-    monkeypatch.setitem(backends._REGISTRY["attention"], "triton", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    monkeypatch.setitem(backends._loaded, ("attention", "triton"), lambda *a, **k: calls.append(1) or kernel(*a, **k))
     model = tiny_llama().to(DEVICE)
     naive = copy.deepcopy(model)
     naive.set_attn_implementation("eager")
@@ -279,7 +266,7 @@ def test_kernels_compile_for_hopper_without_spills():
         pytest.skip("triton wheel without the CUDA toolchain")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    res = subprocess.run([sys.executable, "-m", "sdpo_fast.kernels.attention_aot", "--head-dims", "128", "--check"],
+    res = subprocess.run([sys.executable, "-m", "sdpo_fast.kernels.attention.aot", "--head-dims", "128", "--check"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     assert sum(line.startswith("| 128 |") for line in res.stdout.splitlines()) == 3, res.stdout

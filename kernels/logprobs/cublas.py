@@ -1,11 +1,10 @@
 """Log-probs and the fused S-DPO loss as library GEMMs (cuBLAS on CUDA) plus two Triton row kernels.
 Backend ``"cublas"`` of the ops ``"logprobs"`` and ``"sdpo_loss"``; ``"auto"`` prefers it on CUDA.
+Contract and reference: ``reference.py`` beside this file.
 
-Why: measured on an H200 (``benchmarks/results/bench_logprob_h200_run1.md``), the logit GEMMs that
-``kernels/logprobs.py`` fuses into its Triton kernels run at ~470 TFLOP/s against cuBLAS's ~800, so
-the fully fused path lands at ~2x the bare GEMM time. Here every GEMM is a library GEMM and Triton only
-does what GEMMs cannot: the row passes over a bounded chunk of logits (``bench_logprob_h200.md``: the
-fused loss at 1.32x of the bare GEMMs at N = 16k, D = 4096, V = 128256, bf16).
+Why: the logit GEMMs that ``triton.py`` fuses into its Triton kernels trail the library's GEMMs on an
+H200 (figures: ``benchmarks/results/bench_logprob_h200_run1.md``), so here every GEMM is a library GEMM
+and Triton only does what GEMMs cannot: the row passes over a bounded chunk of logits.
 
 Rows are processed in chunks of at most ``chunk_bytes`` of logits (``[c, V]`` in the input dtype):
     x = h[rows] @ W^T                 GEMM into the chunk buffer
@@ -33,18 +32,23 @@ import torch
 import triton
 import triton.language as tl
 
-from sdpo_fast import backends
-from sdpo_fast.fused_loss import group_loss_and_grad
-from sdpo_fast.logprobs import backend_options, kernel_inputs
-from sdpo_fast.packing import PackedBatch
+from ..options import option
 
-__all__ = ["cublas_sequence_logprobs", "cublas_sdpo_loss", "plan_chunks"]
+__all__ = ["Options", "DW_PRECISION", "INPUT_DTYPES", "forward", "backward", "fused_loss", "plan_chunks"]
 
-# 192 MiB of logits per chunk: at V = 128256 in bf16, 784 rows. Measured at N = 16k, D = 4096 (H200):
-# peak 1.12x of inputs + dW + dHidden, 1.32x of the bare GEMM time; 1 GiB chunks: 1.50x, 1.11x.
-_CUDA_DEFAULTS = dict(chunk_bytes=192 << 20, chunk_rows=None, block=4096, num_warps=8)
-_CPU_DEFAULTS = dict(chunk_bytes=1 << 20, chunk_rows=None, block=64, num_warps=4)
-_OPTION_NAMES = set(_CUDA_DEFAULTS)
+DW_PRECISION = "accumulated in the weight's dtype across chunks (one rounding per chunk); fp32 inputs stay fp32"
+INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Options:
+    """The CUDA chunk (192 MiB of logits: 784 rows at V = 128256 in bf16) was chosen for peak memory
+    against speed on an H200 (``benchmarks/results/bench_logprob_h200*.md``)."""
+
+    chunk_bytes: int = option(192 << 20, cpu=1 << 20, check="int>=1", doc="logits per chunk, in bytes")
+    chunk_rows: int | None = option(None, check="int>=1|None", doc="logit rows per chunk (overrides chunk_bytes)")
+    block: int = option(4096, cpu=64, check="pow2>=16", doc="columns per step of the row kernels")
+    num_warps: int = option(8, cpu=4)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,14 +118,14 @@ class Chunk:
     groups: tuple[int, int] | None
 
 
-def _group_extents(batch: PackedBatch):
-    """Per group, in group order (``pack_groups`` stores the logit rows group by group, in that order):
-    ``(rows, targets, K + 1)``. The prompt's last row owns K+1 targets, then every candidate token
-    after the first is one row with one target."""
-    return [(1 + sum(n - 1 for n in lens), sum(lens), len(lens)) for _, lens in batch.group_layout]
+def _group_extents(batch):
+    """Per group, in group order: ``(rows, targets, K + 1)`` from ``batch.group_rows`` (host ranges
+    ``(r0, r1, t0, t1)``). The prompt's last row owns K+1 targets, then every candidate token after the
+    first is one row with one target."""
+    return [(r1 - r0, t1 - t0, t1 - t0 - (r1 - r0) + 1) for r0, r1, t0, t1 in batch.group_rows]
 
 
-def plan_chunks(batch: PackedBatch, max_rows: int, whole_groups: bool):
+def plan_chunks(batch, max_rows: int, whole_groups: bool):
     """Chunks (``Chunk``) of at most ``max_rows`` logit rows. With ``whole_groups`` every chunk holds
     whole groups, or the plan is None when some group has more rows than ``max_rows``."""
     ext = _group_extents(batch)
@@ -157,28 +161,16 @@ def plan_chunks(batch: PackedBatch, max_rows: int, whole_groups: bool):
 # --------------------------------------------------------------------------------------------------
 
 
-def _options(device: torch.device, options: dict) -> dict:
-    opts = backend_options("cublas", device, options, _OPTION_NAMES, _CUDA_DEFAULTS, _CPU_DEFAULTS)
-    b = opts["block"]
-    if not isinstance(b, int) or b < 16 or b & (b - 1):
-        raise ValueError(f"block must be a power of two >= 16, got {b!r}")
-    for name in ("chunk_bytes", "chunk_rows"):
-        v = opts.get(name)
-        if v is not None and (not isinstance(v, int) or v < 1):
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return opts
-
-
-def _max_rows(weight: torch.Tensor, opts: dict) -> int:
-    if opts.get("chunk_rows"):
-        return opts["chunk_rows"]
-    return max(1, opts["chunk_bytes"] // (weight.shape[0] * weight.element_size()))
+def _max_rows(weight: torch.Tensor, opts: Options) -> int:
+    if opts.chunk_rows:
+        return opts.chunk_rows
+    return max(1, opts.chunk_bytes // (weight.shape[0] * weight.element_size()))
 
 
 class _Pass:
     """Buffers shared by the chunks of one call: the logits chunk and the gradient outputs."""
 
-    def __init__(self, hidden, weight, batch: PackedBatch, opts, chunks):
+    def __init__(self, hidden, weight, batch, opts, chunks):
         self.hidden, self.weight, self.batch, self.opts = hidden, weight, batch, opts
         self.V = weight.shape[0]
         rows = max((c.r1 - c.r0 for c in chunks), default=1)  # a small batch needs no full-budget buffer
@@ -196,8 +188,8 @@ class _Pass:
         """Writes ``lse[c.r0:c.r1]`` and adds the chunk's token log-probs into ``logps [G * C]``."""
         b = self.batch
         lse_c = lse[c.r0 : c.r1]
-        _row_lse_kernel[(c.r1 - c.r0,)](x, lse_c, self.V, x.stride(0), BLOCK=self.opts["block"],
-                                        num_warps=self.opts["num_warps"])
+        _row_lse_kernel[(c.r1 - c.r0,)](x, lse_c, self.V, x.stride(0), BLOCK=self.opts.block,
+                                        num_warps=self.opts.num_warps)
         if c.t1 > c.t0:
             local = b.target_rows[c.t0 : c.t1] - c.r0
             tok = x[local, b.target_ids[c.t0 : c.t1]].float() - lse_c.index_select(0, local)
@@ -211,7 +203,7 @@ class _Pass:
         if c.t1 > c.t0:
             g_row.index_add_(0, b.target_rows[c.t0 : c.t1] - c.r0, g_t[c.t0 : c.t1])
         _row_grad_kernel[(n,)](x, lse[c.r0 : c.r1], g_row, b.row_ptr, b.target_ids, g_t, c.r0, self.V, x.stride(0),
-                               BLOCK=self.opts["block"], num_warps=self.opts["num_warps"])
+                               BLOCK=self.opts.block, num_warps=self.opts.num_warps)
         if need_h:
             if self.dhidden is None:
                 self.dhidden = torch.zeros_like(self.hidden)
@@ -254,77 +246,47 @@ def _backward_all(p: _Pass, chunks, lse, grad_logps, need_h, need_w):
 # --------------------------------------------------------------------------------------------------
 
 
-class _CublasSequenceLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, batch, opts):
-        rows = _max_rows(weight, opts)
-        chunks = plan_chunks(batch, rows, whole_groups=False)
-        lse, logps = _forward_all(_Pass(hidden, weight, batch, opts, chunks), chunks)
-        ctx.save_for_backward(hidden, weight, lse)
-        ctx.batch, ctx.opts, ctx.chunks = batch, opts, chunks
-        return logps
-
-    @staticmethod
-    def backward(ctx, grad_logps):
-        hidden, weight, lse = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_h or need_w):
-            return None, None, None, None
-        p = _Pass(hidden, weight, ctx.batch, ctx.opts, ctx.chunks)
-        dh, dw = _backward_all(p, ctx.chunks, lse, grad_logps, need_h, need_w)
-        return dh, dw, None, None
+def forward(hidden, weight, batch, opts: Options, need_h: bool, need_w: bool, fused: bool = False):
+    """Contract ``forward`` (``reference.py``): chunks of at most ``_max_rows`` rows; state
+    ``(lse [Nr], chunks)``. The backward recomputes each chunk's logits."""
+    chunks = plan_chunks(batch, _max_rows(weight, opts), whole_groups=False)
+    lse, logps = _forward_all(_Pass(hidden, weight, batch, opts, chunks), chunks)
+    return logps, (lse, chunks)
 
 
-def cublas_sequence_logprobs(hidden, weight, batch: PackedBatch, **options) -> torch.Tensor:
-    """``"logprobs"`` backend: ``[G, C]`` fp32 log-probs, differentiable w.r.t. hidden ``[T, D]`` and
-    weight ``[V, D]``. Options: chunk_bytes (logits per chunk), chunk_rows (overrides it), block
-    (columns per step of the row kernels), num_warps. The backward recomputes each chunk's logits."""
-    hidden, weight = kernel_inputs(hidden, weight, "cublas")
-    opts = _options(hidden.device, options)
-    return _CublasSequenceLogprobs.apply(hidden, weight, batch, opts).view(batch.candidate_mask.shape)
+def backward(hidden, weight, batch, state, grad_logps, need_h: bool, need_w: bool, opts: Options):
+    """Contract ``backward``."""
+    if not (need_h or need_w):
+        return None, None
+    lse, chunks = state
+    return _backward_all(_Pass(hidden, weight, batch, opts, chunks), chunks, lse, grad_logps, need_h, need_w)
 
 
-def cublas_sdpo_loss(hidden, weight, batch: PackedBatch, ref_logps, beta, sft_weight, need_h, need_w, **options):
-    """``"sdpo_loss"`` backend: ``(loss_g [G] fp32, logps [G, C] fp32, dhidden [T, D] | None,
-    dweight [V, D] | None)``, the gradients being those of ``sum_g loss_g``. Options as
-    ``cublas_sequence_logprobs``; chunks hold whole groups when each group fits one (three GEMMs)."""
-    hidden, weight = kernel_inputs(hidden, weight, "cublas")
-    opts = _options(hidden.device, options)
-    rows = _max_rows(weight, opts)
+def fused_loss(hidden, weight, batch, loss, need_h: bool, need_w: bool, opts: Options):
+    """Contract ``fused_loss``: when every group's rows fit one chunk, chunks hold whole groups, so each
+    chunk's loss weights are known right after its forward and the gradient reuses the chunk (three
+    GEMMs). Otherwise (a group longer than a chunk, or no gradient) None: the generic path recomputes."""
+    if not (need_h or need_w):
+        return None
+    chunks = plan_chunks(batch, _max_rows(weight, opts), whole_groups=True)
+    if chunks is None:
+        return None
     G, C = batch.candidate_mask.shape
     dev = hidden.device
-    with torch.no_grad():
-        chunks = plan_chunks(batch, rows, whole_groups=True)
-        if chunks is None or not (need_h or need_w):  # a group longer than a chunk: recompute
-            chunks = plan_chunks(batch, rows, whole_groups=False)
-            p = _Pass(hidden, weight, batch, opts, chunks)
-            lse, logps = _forward_all(p, chunks)
-            logps = logps.view(G, C)
-            loss_g, grad = group_loss_and_grad(logps, ref_logps, batch.candidate_mask, batch.candidate_lens, beta,
-                                               sft_weight)
-            if not (need_h or need_w):
-                return loss_g, logps, None, None
-            dh, dw = _backward_all(p, chunks, lse, grad.flatten(), need_h, need_w)
-            return loss_g, logps, dh, dw
-        p = _Pass(hidden, weight, batch, opts, chunks)
-        lse = torch.empty(batch.logit_rows.shape[0], dtype=torch.float32, device=dev)
-        logps = torch.zeros(G * C, dtype=torch.float32, device=dev)
-        loss_g = torch.zeros(G, dtype=torch.float32, device=dev)
-        grad = torch.zeros(G, C, dtype=torch.float32, device=dev)
-        g_t = torch.zeros(batch.num_targets, dtype=torch.float32, device=dev)
-        lp2 = logps.view(G, C)
-        for c in chunks:
-            h, x = p.logits(c)
-            p.forward(c, x, lse, logps)
-            g = slice(*c.groups)
-            loss_g[g], grad[g] = group_loss_and_grad(lp2[g], ref_logps[g], batch.candidate_mask[g],
-                                                     batch.candidate_lens[g], beta, sft_weight)
-            if c.t1 > c.t0:
-                g_t[c.t0 : c.t1] = grad.view(-1).index_select(0, batch.target_candidates[c.t0 : c.t1])
-            p.backward(c, h, x, lse, g_t, need_h, need_w)
-        dh, dw = p.grads(need_h, need_w)
+    p = _Pass(hidden, weight, batch, opts, chunks)
+    lse = torch.empty(batch.logit_rows.shape[0], dtype=torch.float32, device=dev)
+    logps = torch.zeros(G * C, dtype=torch.float32, device=dev)
+    loss_g = torch.zeros(G, dtype=torch.float32, device=dev)
+    grad = torch.zeros(G, C, dtype=torch.float32, device=dev)
+    g_t = torch.zeros(batch.num_targets, dtype=torch.float32, device=dev)
+    lp2 = logps.view(G, C)
+    for c in chunks:
+        h, x = p.logits(c)
+        p.forward(c, x, lse, logps)
+        g = slice(*c.groups)
+        loss_g[g], grad[g] = loss(lp2[g], groups=g)
+        if c.t1 > c.t0:
+            g_t[c.t0 : c.t1] = grad.view(-1).index_select(0, batch.target_candidates[c.t0 : c.t1])
+        p.backward(c, h, x, lse, g_t, need_h, need_w)
+    dh, dw = p.grads(need_h, need_w)
     return loss_g, lp2, dh, dw
-
-
-backends.register("logprobs", "cublas", cublas_sequence_logprobs)
-backends.register("sdpo_loss", "cublas", cublas_sdpo_loss)

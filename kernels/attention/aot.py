@@ -5,8 +5,8 @@ Hopper matrix instructions (``HGMMA``) and local-memory loads (``LDL``) in the S
 and cuobjdump that ship inside the triton wheel, so it runs on a CPU-only machine; it is how the CUDA
 defaults of ``AttentionConfig`` were chosen (largest blocks without spills).
 
-    python -m sdpo_fast.kernels.attention_aot                    # defaults, bf16, Dh 64 80 96 128, sm_90
-    python -m sdpo_fast.kernels.attention_aot --head-dims 128 --fwd 128 128 8 2
+    python -m sdpo_fast.kernels.attention.aot                    # defaults, bf16, Dh 64 80 96 128, sm_90
+    python -m sdpo_fast.kernels.attention.aot --head-dims 128 --fwd 128 128 8 2
 
 Strides are compiled as multiples of 16, which is what Triton's JIT specialises them to at run time for
 the usual ``H * Dh`` strides; without that hint the loads are not vectorised, not pipelined and spill.
@@ -25,8 +25,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.compiler import compile as triton_compile
 
-from . import attention_triton as kernels
-from .attention import AttentionConfig, default_config
+from . import triton as kernels
+from .launch import AttentionConfig, default_config
 
 _TENSORS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
 

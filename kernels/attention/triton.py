@@ -1,6 +1,6 @@
 """Triton kernels of the shared-prefix flash attention (forward, dQ, dK/dV).
 
-Layout and work split (launchers and the tile tables live in ``kernels/attention.py``):
+Layout and work split (launchers and the tile tables live in ``launch.py``):
 
 * Tensors keep the packed layout of ``PackedBatch``: row ``r``, in-row token position ``t``. Q, K, V, O,
   dO, dQ, dK, dV are addressed through their strides (``[R, *, L, Dh]`` or ``[R, L, *, Dh]`` alike);

@@ -1,9 +1,10 @@
 """Triton kernels: fused ``lm_head`` + log-softmax + gather + per-candidate sum, and the S-DPO loss
 with its gradients in one op. Backend ``"triton"`` of the ops ``"logprobs"`` and ``"sdpo_loss"``.
 
-Readable reference: ``sdpo_fast.logprobs.torch_logprobs_forward`` / ``torch_logprobs_backward``.
+Readable reference: ``reference.py`` beside this file (``logprobs_forward`` / ``logprobs_backward``);
+the backend contract (``Options``, ``forward``, ``backward``) is described there.
 
-Layout (``sdpo_fast.packing.PackedBatch``): ``Nr`` logit rows (``logit_rows [Nr]``, flat token index
+Layout (the ``PackedBatch`` of ``sdpo_fast.packing``): ``Nr`` logit rows (``logit_rows [Nr]``, flat token index
 into ``hidden [T, D]``), CSR ``row_ptr [Nr + 1]`` of their ``N`` targets (``target_ids``,
 ``target_candidates = g * C + j``). The prompt's last row is one logit row with K+1 targets.
 
@@ -20,7 +21,7 @@ Gradient pass, over vocabulary slices ``[v0, v0 + S)`` (bounded extra memory ``N
     then two GEMMs on the slice: ``dW[v0:v0+S] = dlogits^T @ h`` (complete reduction over all rows in
     one GEMM: fp32 accumulation, one rounding) and ``dh += dlogits @ W[v0:v0+S]`` (fp32 accumulator
     when there is more than one slice). ``dW`` is skipped when the weight is frozen.
-The fused loss (``triton_sdpo_loss``) can keep the forward's fp32 logits when ``[Nr, V]`` fits
+Inside the fused loss (``forward(..., fused=True)``) the forward can keep the forward's fp32 logits when ``[Nr, V]`` fits
 ``reuse_logits_bytes``; the gradient pass then reads them instead of recomputing (3 GEMMs, not 4).
 
 All index arithmetic that can exceed 2**31 (row * D, id * D, row * S) is int64; every grid is 1-D.
@@ -32,26 +33,40 @@ import torch
 import triton
 import triton.language as tl
 
-from sdpo_fast import backends
-from sdpo_fast.fused_loss import group_loss_and_grad
-from sdpo_fast.logprobs import backend_options, kernel_inputs
-from sdpo_fast.packing import PackedBatch
+from dataclasses import dataclass
 
-__all__ = ["triton_sequence_logprobs", "triton_sdpo_loss", "logprobs_forward", "logprobs_grad"]
+from ..options import option
 
-# Default tile shapes on CUDA (bf16/fp16, D = 4096): 128 x 128 logit tiles, D in steps of 64.
-_CUDA_DEFAULTS = dict(block_m=128, block_v=128, block_d=64, block_t=32, num_warps=8, num_stages=3, group_m=8,
-                      reuse_logits_bytes=1 << 30)
-# Interpreter (tests on CPU): small tiles keep numpy work and the number of programs low.
-_CPU_DEFAULTS = dict(block_m=16, block_v=64, block_d=32, block_t=16, num_warps=4, num_stages=1, group_m=4,
-                     reuse_logits_bytes=0)
+__all__ = ["Options", "DW_PRECISION", "INPUT_DTYPES", "forward", "backward", "logprobs_forward", "logprobs_grad"]
+
+DW_PRECISION = "one GEMM per vocabulary slice over all rows: fp32 accumulation, one rounding to the weight's dtype"
+INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Options:
+    """Tile shapes: CUDA defaults for bf16/fp16 at D = 4096 (128 x 128 logit tiles, D in steps of 64);
+    on CPU (the interpreter, tests) small tiles keep numpy work and the number of programs low."""
+
+    block_m: int = option(128, cpu=16, check="pow2>=16", doc="logit rows per tile")
+    block_v: int = option(128, cpu=64, check="pow2>=16", doc="vocabulary columns per tile")
+    block_d: int = option(64, cpu=32, check="pow2>=16", doc="hidden dims per tl.dot step")
+    block_t: int = option(32, cpu=16, check="pow2", doc="targets per program of the target kernel")
+    num_warps: int = option(8, cpu=4)
+    num_stages: int = option(3, cpu=1)
+    group_m: int = option(8, cpu=4, doc="row blocks that sweep a slice together (L2 reuse)")
+    reuse_logits_bytes: int = option(1 << 30, cpu=0, check="int>=0",
+                                     doc="fused loss: keep the forward's fp32 logits when [Nr, V] fits this")
+    v_splits: int | None = option(None, check="int>=1|None", doc="forward vocabulary splits (default ~8 programs/SM)")
+    slice_cols: int | None = option(None, check="int>=1|None", doc="columns per gradient slice")
+    allow_tf32: bool = option(False, doc="tf32 products for fp32 inputs")
+
 # dlogits slice: elements of the [Nr, S] buffer (2**25 bf16 = 64 MiB; at Nr = 14.5k, S = 2304 columns,
 # so each slice's two GEMMs are still [14.5k x 2304 x 4096]-sized). Small, for the peak-memory goal
 # (inputs + dW + dHidden within 1.1x at Nr = 16k, V = 128256).
 _SLICE_ELEMENTS = 1 << 25
 # Rows per step of the final fp32 -> input-dtype scatter of dHidden (bounds its temporary).
 _CAST_ROWS = 4096
-_OPTION_NAMES = set(_CUDA_DEFAULTS) | {"v_splits", "slice_cols", "allow_tf32"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,30 +204,13 @@ def _dlogits_kernel(h_ptr, w_ptr, rows_ptr, x_ptr, lse_ptr, g_row_ptr, row_ptr_p
 # --------------------------------------------------------------------------------------------------
 
 
-def _options(device: torch.device, options: dict) -> dict:
-    opts = backend_options("triton", device, options, _OPTION_NAMES, _CUDA_DEFAULTS, _CPU_DEFAULTS)
-    for name in ("block_m", "block_v", "block_d", "block_t"):
-        v = opts[name]
-        if not isinstance(v, int) or v < 1 or v & (v - 1):
-            raise ValueError(f"{name} must be a power of two, got {v!r}")
-    for name in ("block_m", "block_v", "block_d"):
-        if opts[name] < 16:
-            raise ValueError(f"{name} must be >= 16 (tl.dot tile), got {opts[name]}")
-    if not isinstance(opts["reuse_logits_bytes"], int) or opts["reuse_logits_bytes"] < 0:
-        raise ValueError(f"reuse_logits_bytes must be an int >= 0, got {opts['reuse_logits_bytes']!r}")
-    for name in ("v_splits", "slice_cols"):
-        if opts.get(name) is not None and (not isinstance(opts[name], int) or opts[name] < 1):
-            raise ValueError(f"{name} must be a positive int, got {opts[name]!r}")
-    return opts
-
-
-def _precision(dtype: torch.dtype, opts: dict) -> str:
+def _precision(dtype: torch.dtype, opts: Options) -> str:
     # fp32 inputs: exact fp32 products unless tf32 is asked for (tf32 logits would make the target
     # logit and the logsumexp disagree by ~1e-3 relative, enough to flip the sign of log p ~ -1e-3).
-    return "tf32" if dtype != torch.float32 or opts.get("allow_tf32") else "ieee"
+    return "tf32" if dtype != torch.float32 or opts.allow_tf32 else "ieee"
 
 
-def logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, batch: PackedBatch, opts: dict, store=None):
+def logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, batch, opts: Options, store=None):
     """Log-probs of every candidate.
 
     Args: hidden ``[T, D]``, weight ``[V, D]`` (same dtype, last dim contiguous), batch, resolved opts;
@@ -222,10 +220,10 @@ def logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, batch: PackedBa
     rows = batch.logit_rows
     Nr, N = rows.shape[0], batch.num_targets
     V, D = weight.shape
-    bm, bv, bd = opts["block_m"], opts["block_v"], opts["block_d"]
+    bm, bv, bd = opts.block_m, opts.block_v, opts.block_d
     prec = _precision(hidden.dtype, opts)
     n_mb, n_vt = triton.cdiv(Nr, bm), triton.cdiv(V, bv)
-    splits = opts.get("v_splits")
+    splits = opts.v_splits
     if splits is None:
         # About 8 programs per SM, so that the last wave of long programs is a small fraction.
         sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count if hidden.is_cuda else 1
@@ -239,7 +237,7 @@ def logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, batch: PackedBa
         _lse_kernel[(n_mb * splits,)](
             hidden, weight, rows, m, s, m if store is None else store, Nr, V, D, hidden.stride(0), weight.stride(0),
             tiles_per_split, BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd, PREC=prec, STORE=store is not None,
-            num_warps=opts["num_warps"], num_stages=opts["num_stages"],
+            num_warps=opts.num_warps, num_stages=opts.num_stages,
         )
     if splits == 1:
         lse = m[0] + torch.log(s[0])
@@ -249,7 +247,7 @@ def logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, batch: PackedBa
     G, C = batch.candidate_mask.shape
     logps = torch.zeros(G * C, dtype=torch.float32, device=hidden.device)
     if N:
-        bt = opts["block_t"]
+        bt = opts.block_t
         _target_kernel[(triton.cdiv(N, bt),)](
             hidden, weight, rows, batch.target_rows, batch.target_ids, batch.target_candidates, lse, logps, N, D,
             hidden.stride(0), weight.stride(0), BLOCK_T=bt, BLOCK_D=bd, num_warps=4,
@@ -287,7 +285,7 @@ def _mm_acc(out32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         return
 
 
-def logprobs_grad(hidden, weight, batch: PackedBatch, lse, grad_logps, need_h: bool, need_w: bool, opts: dict,
+def logprobs_grad(hidden, weight, batch, lse, grad_logps, need_h: bool, need_w: bool, opts: Options,
                   stored=None):
     """Gradients of ``sum(grad_logps * logps)``.
 
@@ -307,8 +305,8 @@ def logprobs_grad(hidden, weight, batch: PackedBatch, lse, grad_logps, need_h: b
     dev = hidden.device
     g_t = grad_logps.float().index_select(0, batch.target_candidates).contiguous()
     g_row = torch.zeros(Nr, dtype=torch.float32, device=dev).index_add_(0, batch.target_rows, g_t)
-    bm, bv, bd = opts["block_m"], opts["block_v"], opts["block_d"]
-    S = opts.get("slice_cols") or max(bv, _SLICE_ELEMENTS // max(Nr, 1) // bv * bv)
+    bm, bv, bd = opts.block_m, opts.block_v, opts.block_d
+    S = opts.slice_cols or max(bv, _SLICE_ELEMENTS // max(Nr, 1) // bv * bv)
     S = min(S, V)
     n_slices = triton.cdiv(V, S)
     buf = torch.empty(Nr, S, dtype=hidden.dtype, device=dev)
@@ -327,8 +325,8 @@ def logprobs_grad(hidden, weight, batch: PackedBatch, lse, grad_logps, need_h: b
             _dlogits_kernel[grid](
                 hidden, weight, rows, lse if stored is None else stored, lse, g_row, batch.row_ptr, batch.target_ids,
                 g_t, part, Nr, V, D, v0, n, hidden.stride(0), weight.stride(0), buf.stride(0),
-                BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd, GROUP_M=opts["group_m"], PREC=prec, STORED=stored is not None,
-                num_warps=opts["num_warps"], num_stages=opts["num_stages"],
+                BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd, GROUP_M=opts.group_m, PREC=prec, STORED=stored is not None,
+                num_warps=opts.num_warps, num_stages=opts.num_stages,
             )
         if need_w:
             torch.mm(part.t(), h_rows, out=dweight[v0 : v0 + n])
@@ -354,51 +352,18 @@ def logprobs_grad(hidden, weight, batch: PackedBatch, lse, grad_logps, need_h: b
 # --------------------------------------------------------------------------------------------------
 
 
-class _TritonSequenceLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, batch, opts):
-        lse, logps = logprobs_forward(hidden, weight, batch, opts)
-        ctx.save_for_backward(hidden, weight, lse)
-        ctx.batch, ctx.opts = batch, opts
-        return logps
-
-    @staticmethod
-    def backward(ctx, grad_logps):
-        hidden, weight, lse = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dh, dw = logprobs_grad(hidden, weight, ctx.batch, lse, grad_logps.contiguous(), need_h, need_w, ctx.opts)
-        return dh, dw, None, None
-
-
-def triton_sequence_logprobs(hidden, weight, batch: PackedBatch, **options) -> torch.Tensor:
-    """``"logprobs"`` backend: ``[G, C]`` fp32 log-probs, differentiable w.r.t. hidden ``[T, D]`` and
-    weight ``[V, D]``. Options: block_m, block_v, block_d, block_t, num_warps, num_stages, group_m,
-    v_splits (forward vocabulary splits), slice_cols (columns per gradient slice), allow_tf32."""
-    hidden, weight = kernel_inputs(hidden, weight, "triton")
-    opts = _options(hidden.device, options)
-    return _TritonSequenceLogprobs.apply(hidden, weight, batch, opts).view(batch.candidate_mask.shape)
-
-
-def triton_sdpo_loss(hidden, weight, batch: PackedBatch, ref_logps, beta, sft_weight, need_h, need_w, **options):
-    """``"sdpo_loss"`` backend: ``(loss_g [G] fp32, logps [G, C] fp32, dhidden [T, D] | None,
-    dweight [V, D] | None)``, the gradients being those of ``sum_g loss_g``.
-
-    Options as ``triton_sequence_logprobs``, plus reuse_logits_bytes: when the fp32 logits ``[Nr, V]``
-    take at most this many bytes (default 1 GiB on CUDA, 0 on CPU) the forward keeps them and the
-    gradient pass reads them instead of recomputing (three GEMMs instead of four)."""
-    hidden, weight = kernel_inputs(hidden, weight, "triton")
-    opts = _options(hidden.device, options)
+def forward(hidden, weight, batch, opts: Options, need_h: bool, need_w: bool, fused: bool = False):
+    """Contract ``forward`` (``reference.py``). ``fused``: when the fp32 logits ``[Nr, V]`` take at most
+    ``opts.reuse_logits_bytes`` the forward keeps them and the gradient pass reads them instead of
+    recomputing (three GEMMs instead of four). State: ``(lse [Nr], stored logits or None)``."""
     Nr, V = batch.logit_rows.shape[0], weight.shape[0]
-    with torch.no_grad():
-        # Small enough: keep the forward's fp32 logits and skip the recompute GEMM of the gradient pass.
-        reuse = (need_h or need_w) and Nr * V * 4 <= opts["reuse_logits_bytes"]
-        store = torch.empty(Nr, V, dtype=torch.float32, device=hidden.device) if reuse else None
-        lse, logps = logprobs_forward(hidden, weight, batch, opts, store)
-        logps = logps.view(batch.candidate_mask.shape)
-        loss_g, grad = group_loss_and_grad(logps, ref_logps, batch.candidate_mask, batch.candidate_lens, beta, sft_weight)
-        dh, dw = logprobs_grad(hidden, weight, batch, lse, grad.flatten(), need_h, need_w, opts, store)
-    return loss_g, logps, dh, dw
+    reuse = fused and (need_h or need_w) and Nr * V * 4 <= opts.reuse_logits_bytes
+    store = torch.empty(Nr, V, dtype=torch.float32, device=hidden.device) if reuse else None
+    lse, logps = logprobs_forward(hidden, weight, batch, opts, store)
+    return logps, (lse, store)
 
 
-backends.register("logprobs", "triton", triton_sequence_logprobs)
-backends.register("sdpo_loss", "triton", triton_sdpo_loss)
+def backward(hidden, weight, batch, state, grad_logps, need_h: bool, need_w: bool, opts: Options):
+    """Contract ``backward``: ``logprobs_grad`` with the forward's state."""
+    lse, store = state
+    return logprobs_grad(hidden, weight, batch, lse, grad_logps.contiguous(), need_h, need_w, opts, store)

@@ -1,9 +1,9 @@
 """Compile the log-prob kernels ahead of time for Hopper (sm_90) without a GPU, and report.
 
-    python -m sdpo_fast.kernels.logprobs_aot [--check]      # run without TRITON_INTERPRET
+    python -m sdpo_fast.kernels.logprobs.aot [--check]      # run without TRITON_INTERPRET
 
 Uses the ptxas / cuobjdump inside the triton wheel. The kernels are compiled with the CUDA default
-blocks (``logprobs._CUDA_DEFAULTS``: 128 x 128 x 64, 8 warps, 3 stages; bf16) and the divisibility-by-16 hints the JIT gives at
+blocks (``triton.Options``: 128 x 128 x 64, 8 warps, 3 stages; bf16) and the divisibility-by-16 hints the JIT gives at
 run time (pointers, D, strides). Reported per kernel: shared memory, registers, stack bytes, and the
 PTX's global loads and matrix instructions; ``--check`` fails unless the two GEMM-like kernels use
 16-byte ``cp.async`` loads and ``wgmma`` with no stack (spill) bytes.
@@ -20,13 +20,15 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+from ..options import defaults
+
 _HINTED = ("D", "V", "v0", "n_cols", "stride_h", "stride_w", "stride_out", "stride_x")  # D = 4096, V = 128256, S = k * 128
 
 
 def _kernels():
-    from . import logprobs as lp
+    from . import triton as lp
 
-    d = lp._CUDA_DEFAULTS
+    d = defaults(lp.Options)
     _BLOCKS = dict(BLOCK_M=d["block_m"], BLOCK_V=d["block_v"], BLOCK_D=d["block_d"])
     p16, pf, pi = "*bf16", "*fp32", "*i64"
     lse_sig = dict(h_ptr=p16, w_ptr=p16, rows_ptr=pi, m_ptr=pf, s_ptr=pf, x_ptr=pf, Nr="i32", V="i32", D="i32",
@@ -34,10 +36,10 @@ def _kernels():
     dl_sig = dict(h_ptr=p16, w_ptr=p16, rows_ptr=pi, x_ptr=pf, lse_ptr=pf, g_row_ptr=pf, row_ptr_ptr=pi, t_ids_ptr=pi,
                   g_t_ptr=pf, out_ptr=p16, Nr="i32", V="i32", D="i32", v0="i32", n_cols="i32", stride_h="i32",
                   stride_w="i32", stride_out="i32")
-    from . import logprobs_cublas as cb
+    from . import cublas as cb
 
-    row_opts = dict(num_warps=cb._CUDA_DEFAULTS["num_warps"], num_stages=1)
-    row_block = dict(BLOCK=cb._CUDA_DEFAULTS["block"])
+    row_opts = dict(num_warps=defaults(cb.Options)["num_warps"], num_stages=1)
+    row_block = dict(BLOCK=defaults(cb.Options)["block"])
     rows = [
         (cb._row_lse_kernel, dict(x_ptr=p16, lse_ptr=pf, V="i32", stride_x="i32"), row_block, False, row_opts),
         (cb._row_grad_kernel, dict(x_ptr=p16, lse_ptr=pf, g_row_ptr=pf, row_ptr_ptr=pi, t_ids_ptr=pi, g_t_ptr=pf,
@@ -55,9 +57,9 @@ def _kernels():
 
 
 def lp_defaults() -> dict:
-    from . import logprobs as lp
+    from . import triton as lp
 
-    return lp._CUDA_DEFAULTS
+    return defaults(lp.Options)
 
 
 def compile_report(arch: int = 90) -> list[dict]:

@@ -1,11 +1,11 @@
 """Shared-prefix flash attention in Triton: the ``"triton"`` backend of the ``"attention"`` op.
 
 ``triton_shared_prefix_attention(query, key, value, batch, scaling, dropout=0.0)`` has the signature of
-the torch reference ``sdpo_fast.attention.torch_shared_prefix_attention``: query ``[R, H, L, Dh]``,
+the torch reference ``reference.torch_shared_prefix_attention`` beside this file: query ``[R, H, L, Dh]``,
 key/value ``[R, Hkv, L, Dh]`` (any strides, KV heads not repeated, ``H % Hkv == 0``) and a
 ``PackedBatch`` give ``[R, L, H, Dh]``; padding tokens get 0. Differentiable in query, key and value.
 
-The per-tile tables the kernels read (see ``attention_triton.py`` for what a tile is) are derived on
+The per-tile tables the kernels read (see ``triton.py`` for what a tile is) are derived on
 the device from the batch tensors with torch ops whose sizes come from the host-side
 ``batch.group_spans`` only, so building them never waits for the GPU. They are cached per batch and
 block size: every layer of a forward (and its backward) reuses them.
@@ -22,13 +22,10 @@ import torch
 
 try:
     import triton
-except ImportError as exc:  # backends.py skips this backend then
+except ImportError as exc:  # the backend table skips this backend then
     raise ImportError(f"the triton attention backend needs triton ({exc})") from exc
 
-from sdpo_fast import backends
-from sdpo_fast.packing import PackedBatch
-
-from .attention_triton import shared_prefix_bwd_dkdv_kernel, shared_prefix_bwd_dq_kernel, shared_prefix_fwd_kernel
+from .triton import shared_prefix_bwd_dkdv_kernel, shared_prefix_bwd_dq_kernel, shared_prefix_fwd_kernel
 
 __all__ = ["AttentionConfig", "INTERPRETER_CONFIG", "default_config", "triton_shared_prefix_attention", "query_tiles",
            "key_tiles"]
@@ -46,7 +43,7 @@ class AttentionConfig:
     keys/queries per block of the dK/dV kernel; *_warps, *_stages: Triton's num_warps/num_stages.
 
     The CUDA defaults were chosen from the sm_90 compiler report (``python -m
-    sdpo_fast.kernels.attention_aot``, no GPU needed): the largest blocks that compile without
+    sdpo_fast.kernels.attention.aot``, no GPU needed): the largest blocks that compile without
     register spills for head dims 64..128 in bf16 (e.g. Dh=128: forward 220 registers, dQ 173,
     dK/dV 244, no local memory; with 4 warps or 64x128 dK/dV blocks they spill). Triton 3.6 spills
     at 32x128 dK/dV blocks, so ``default_config`` halves their query rows there.
@@ -100,7 +97,7 @@ def default_config(head_dim: int, device: torch.device, dtype: torch.dtype = tor
 _CACHE: dict[int, tuple[weakref.ref, dict]] = {}
 
 
-def _cached(batch: PackedBatch, key, build):
+def _cached(batch, key, build):
     entry = _CACHE.get(id(batch))
     if entry is None or entry[0]() is not batch:
         entry = (weakref.ref(batch), {})
@@ -112,7 +109,7 @@ def _cached(batch: PackedBatch, key, build):
     return table[key]
 
 
-def _slots(batch: PackedBatch, block: int):
+def _slots(batch, block: int):
     """Per tile slot: its group's row, start/prompt end/end within the row, and the slot's own range.
 
     A group gets ``ceil(len / block) + 1`` slots (host-known, >= prompt tiles + candidate tiles);
@@ -138,7 +135,7 @@ def _slots(batch: PackedBatch, block: int):
     return g, row, s, pe, lo, hi, in_prompt
 
 
-def _candidate_bounds(batch: PackedBatch, g, row, pe, pos):
+def _candidate_bounds(batch, g, row, pe, pos):
     """Start and end (in-row) of the candidate holding token ``pos`` (clamped for empty slots)."""
     L = batch.shape[1]
     c = batch.candidate_ids[row, pos.clamp(max=L - 1)].clamp(min=0)
@@ -148,7 +145,7 @@ def _candidate_bounds(batch: PackedBatch, g, row, pe, pos):
     return start, start + lens[g, c]
 
 
-def query_tiles(batch: PackedBatch, block: int) -> torch.Tensor:
+def query_tiles(batch, block: int) -> torch.Tensor:
     """``[n, 8]`` int32 on the batch's device: row, q_start, q_end, a_start, a_end, b_start, 0, 0.
 
     Sorted by decreasing work so the longest programs start first.
@@ -168,7 +165,7 @@ def query_tiles(batch: PackedBatch, block: int) -> torch.Tensor:
     return _cached(batch, ("q", block), build)
 
 
-def key_tiles(batch: PackedBatch, block: int) -> torch.Tensor:
+def key_tiles(batch, block: int) -> torch.Tensor:
     """``[n, 8]`` int32: row, k_start, k_end, m_end, q_end, 0, 0, 0. Queries ``[k_start, m_end)`` see
     the tile under the shared-prefix mask, queries ``[m_end, q_end)`` see all of it."""
 
@@ -186,14 +183,14 @@ def key_tiles(batch: PackedBatch, block: int) -> torch.Tensor:
     return _cached(batch, ("k", block), build)
 
 
-def _candidate_ids32(batch: PackedBatch) -> torch.Tensor:
+def _candidate_ids32(batch) -> torch.Tensor:
     return _cached(batch, "cand32", lambda: batch.candidate_ids.to(torch.int32).contiguous())
 
 
 # ------------------------------------------------------------------------------------------- launchers
 
 
-def _check(query, key, value, batch: PackedBatch):
+def _check(query, key, value, batch):
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         raise ValueError(f"query/key/value must be 4-D [R, H, L, Dh], got {query.shape}, {key.shape}, {value.shape}")
     R, H, L, Dh = query.shape
@@ -302,7 +299,7 @@ class _SharedPrefixAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def triton_shared_prefix_attention(query, key, value, batch: PackedBatch, scaling: float, dropout: float = 0.0,
+def triton_shared_prefix_attention(query, key, value, batch, scaling: float, dropout: float = 0.0,
                                    config: AttentionConfig | None = None):
     """Shared-prefix attention of a packed batch.
 
@@ -327,5 +324,3 @@ def triton_shared_prefix_attention(query, key, value, batch: PackedBatch, scalin
     q, k, v = (_last_dim_contiguous(t) for t in (query, key, value))
     return _SharedPrefixAttention.apply(q, k, v, batch, float(scaling), cfg)
 
-
-backends.register("attention", "triton", triton_shared_prefix_attention)

@@ -1,0 +1,1 @@
+"""Shared-prefix attention: ``reference.py`` (torch), ``triton.py`` (kernels), ``launch.py`` (launchers)."""

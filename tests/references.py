@@ -1,0 +1,80 @@
+"""The fp64 (or plain-model) naive references the tests compare against. Independent of the kernels'
+layout: log-probs walk each candidate's tokens on the packed row over fully materialised logits,
+the loss is the paper's formula group by group, attention uses a dense mask, and model-level
+log-probs run every candidate with its own copy of the prompt through the unmodified model.
+Every test module imports its references from here (no test module imports another)."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from sdpo_fast.loss import sdpo_loss
+
+
+def reference_logps(hidden, weight, groups, batch):
+    """``[G, C]`` fp64: per candidate, walk its tokens on the packed row and sum fp64 log-softmax of full
+    logits (the prompt's last token predicts every candidate's first). Differentiable."""
+    logp = (hidden.double() @ weight.double().T).log_softmax(-1)
+    zero = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    out = [[zero] * batch.num_candidates for _ in groups]
+    for gi, (prompt, cands) in enumerate(groups):
+        start = int(batch.group_starts[gi])
+        pos = start + len(prompt)
+        for j, c in enumerate(cands):
+            prev = start + len(prompt) - 1
+            for i, tok in enumerate(c):
+                out[gi][j] = out[gi][j] + logp[prev, tok]
+                prev = pos + i
+            pos += len(c)
+    return torch.stack([torch.stack(row) for row in out])
+
+
+def reference_loss(logps, ref_logps, groups, batch, beta, sft_weight):
+    """Mean over groups of the S-DPO loss plus ``sft_weight`` times the chosen candidate's mean NLL."""
+    mask = batch.candidate_mask
+    per_group = sdpo_loss(logps[:, 0], logps[:, 1:], ref_logps[:, 0], ref_logps[:, 1:], beta, mask[:, 1:], "none")
+    len_w = torch.tensor([len(c[0]) for _, c in groups], dtype=torch.float64, device=logps.device)
+    return (per_group - sft_weight * logps[:, 0] / len_w).mean()
+
+
+def naive_loss(logps, ref, batch, beta, sft_weight):
+    """``reference_loss`` from the batch's own candidate lengths: S-DPO mean plus the SFT mean."""
+    mask = batch.candidate_mask
+    loss = sdpo_loss(logps[:, 0], logps[:, 1:], ref[:, 0], ref[:, 1:], beta=beta, rejected_mask=mask[:, 1:])
+    return loss + sft_weight * (-logps[:, 0] / batch.candidate_lens[:, 0]).mean()
+
+
+def naive_sdpo(pc, pr, rc, rr, beta, mask=None):
+    """The paper's formula with a per-group Python loop in fp64: -log sigmoid(-log sum_j exp(...))."""
+    out = []
+    for g in range(pc.shape[0]):
+        terms = [
+            math.exp(beta * ((pr[g, j] - rr[g, j]) - (pc[g] - rc[g])).item())
+            for j in range(pr.shape[1])
+            if mask is None or mask[g, j]
+        ]
+        x = -math.log(sum(terms)) if terms else math.inf
+        out.append(-math.log(1.0 / (1.0 + math.exp(-x))) if terms else 0.0)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def naive_model_logprobs(model, groups, C, device="cpu"):
+    """``[G, C]``: each candidate with its own copy of the prompt through the unmodified model, full
+    logits, log_softmax, summed over the candidate's tokens. Differentiable."""
+    rows = [[torch.zeros((), device=device)] * C for _ in groups]
+    for gi, (prompt, cands) in enumerate(groups):
+        for j, c in enumerate(cands):
+            logits = model(torch.tensor([prompt + c], device=device)).logits[0].float()
+            lp = logits.log_softmax(-1)[len(prompt) - 1 : len(prompt) - 1 + len(c)]
+            rows[gi][j] = lp.gather(1, torch.tensor(c, device=device)[:, None]).sum()
+    return torch.stack([torch.stack(r) for r in rows])
+
+
+def dense_attention(q, k, v, batch, scaling, dtype=torch.float64):
+    """Dense-mask SDPA in ``dtype``; output [R, L, H, Dh] zeroed at padding; grads flow to the inputs."""
+    mask = batch.attention_mask()
+    o = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, scale=scaling,
+                                       enable_gqa=q.shape[1] != k.shape[1])
+    real = (batch.group_ids >= 0)[:, :, None, None]
+    return o.transpose(1, 2) * real

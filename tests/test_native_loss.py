@@ -1,0 +1,271 @@
+"""The "native" backend's S-DPO loss (csrc/sdpo_loss.cpp and the whole-batch path) against the fp64
+per-candidate reference: tiles, the default tile, the path decision, frozen / 3-D hidden, extreme logits, bf16."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sdpo_fast
+from sdpo_fast import backends
+from sdpo_fast.loss import fused_sdpo_loss, sdpo_loss
+
+if os.environ.get("SDPO_FAST_NO_EXT", "0") not in ("", "0"):
+    pytest.skip("SDPO_FAST_NO_EXT is set: the native extension is deliberately absent", allow_module_level=True)
+
+# Without the flag the extension must load (a broken build fails here instead of skipping).
+import sdpo_fast.kernels.logprobs.native as nat  # noqa: E402
+from native_cases import (  # noqa: E402
+    D, LOSS_PATHS, SEQ_OPTIONS, V, fp64_copies, leaves, num_tokens, random_groups,
+)
+from references import naive_loss, reference_logps as naive_logps  # noqa: E402
+
+
+# tile_elements: default (every group in one tile, no recompute); ~6 rows (groups merged where they
+# fit, the larger ones recomputed); 1 (every group over budget: the recompute fallback throughout).
+@pytest.mark.parametrize("tile", [None, V * 6, 1])
+@pytest.mark.parametrize("beta,sft_weight", [(1.0, 0.0), (0.3, 0.5)])
+def test_fused_loss_and_gradients_match_fp64(tile, beta, sft_weight):
+    groups = random_groups(1, n_groups=5)
+    batch = sdpo_fast.pack_groups(groups, max_tokens_per_row=40)
+    h, w = leaves(num_tokens(batch), seed=1)
+    ref = torch.randn(batch.candidate_mask.shape, dtype=torch.float64) - 8.0
+
+    loss, metrics = fused_sdpo_loss(h, w, batch, ref.float(), beta=beta, sft_weight=sft_weight,
+                                    backend="native", tile_elements=tile)
+    loss.backward()
+    h64, w64 = fp64_copies(h, w)
+    logps64 = naive_logps(h64, w64, groups, batch)
+    loss64 = naive_loss(logps64, ref, batch, beta, sft_weight)
+    loss64.backward()
+    torch.testing.assert_close(loss.double(), loss64.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(metrics["logps"].double(), logps64.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_default_tile_grows_to_hold_the_largest_group(monkeypatch, spy):
+    """The loss's default tile is raised to the largest group's rows x V (no recompute), up to a cap;
+    shown here with the two limits scaled down to this vocabulary, against fp64."""
+
+    groups = random_groups(5, n_groups=6, max_k=8, max_len=6)
+    batch = sdpo_fast.pack_groups(groups)
+    group_of_row = batch.target_candidates[batch.row_ptr[:-1]] // batch.candidate_mask.shape[1]
+    sizes = torch.bincount(group_of_row)
+    assert sizes.max() > 3
+    monkeypatch.setattr(nat, "DEFAULT_TILE_ELEMENTS", V * 3)
+    monkeypatch.setattr(nat, "MAX_TILE_ELEMENTS", V * 1000)
+    assert nat.default_tile_elements(batch, V) == int(sizes.max()) * V
+    monkeypatch.setattr(nat, "MAX_TILE_ELEMENTS", V * 2)
+    assert nat.default_tile_elements(batch, V) == V * 3  # the cap never lowers the base default
+    monkeypatch.setattr(nat, "MAX_TILE_ELEMENTS", V * 4)
+    assert nat.default_tile_elements(batch, V) == V * 4
+
+    monkeypatch.setattr(nat, "MAX_TILE_ELEMENTS", V * 1000)
+    seen = spy("sdpo_loss", lambda a, out: a[-1])
+    h, w = leaves(num_tokens(batch), seed=5)
+    ref = torch.randn(batch.candidate_mask.shape) - 6.0
+    loss, _ = fused_sdpo_loss(h, w, batch, ref, sft_weight=0.1, backend="native")
+    loss.backward()
+    fused_sdpo_loss(h.detach(), w, batch, ref, backend="native", tile_elements=V * 5)
+    assert seen == [int(sizes.max()) * V, V * 5]  # an explicit tile_elements is taken as given
+    h64, w64 = fp64_copies(h, w)
+    naive_loss(naive_logps(h64, w64, groups, batch), ref.double(), batch, 1.0, 0.1).backward()
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_path_follows_rows_weight_and_tile(monkeypatch, spy):
+    """Which kernel the loss runs: the plain op's (keeping all rows in the dW-shaped buffer) for a
+    trainable weight, at most D rows and more logits than the base tile, without a tile size;
+    projected for a frozen weight; otherwise the tiled kernel. Every case against fp64."""
+
+    monkeypatch.setattr(nat, "DEFAULT_TILE_ELEMENTS", V * 10)  # base tile: 10 rows
+    seen = spy("logprobs_forward", lambda a, out: ("plain", a[6], a[10]))  # keep_in_grad, project
+    spy("sdpo_loss", lambda a, out: ("tiled", a[-1]))
+    cases = {  # name: (groups, max_k, max_len, frozen, options)
+        "few-rows": (4, 6, 5, False, {}),
+        "frozen-weight": (4, 6, 5, True, {}),
+        "tile-given": (4, 6, 5, False, {"tile_elements": V * 4}),
+        "chunk-rows-given": (4, 6, 5, False, {"chunk_rows": 5}),
+        "more-rows-than-D": (12, 6, 5, False, {}),
+        "fits-the-base-tile": (1, 1, 2, False, {}),
+    }
+    for name, (n_groups, max_k, max_len, frozen, opts) in cases.items():
+        groups = random_groups(10 + n_groups, n_groups=n_groups, max_k=max_k, max_len=max_len)
+        batch = sdpo_fast.pack_groups(groups)
+        rows = batch.logit_rows.numel()
+        expected = {
+            "few-rows": ("plain", True, False),
+            "frozen-weight": ("plain", False, True),
+            "tile-given": ("tiled", V * 4),
+            "chunk-rows-given": ("tiled", V * 5),
+            "more-rows-than-D": ("tiled", nat.default_tile_elements(batch, V)),
+            "fits-the-base-tile": ("tiled", V * 10),
+        }[name]
+        assert (10 < rows <= D) if n_groups == 4 else (rows > D if n_groups == 12 else rows <= 10), (name, rows)
+        h, w = leaves(num_tokens(batch), seed=n_groups, frozen=frozen)
+        ref = torch.randn(batch.candidate_mask.shape) - 6.0
+        seen.clear()
+        loss, metrics = fused_sdpo_loss(h, w, batch, ref, sft_weight=0.2, backend="native", **opts)
+        loss.backward()
+        assert seen == [expected], name
+        h64, w64 = fp64_copies(h, w)
+        logps64 = naive_logps(h64, w64, groups, batch)
+        naive_loss(logps64, ref.double(), batch, 1.0, 0.2).backward()
+        torch.testing.assert_close(metrics["logps"].double(), logps64.detach(), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+        if not frozen:
+            torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 3])
+def test_frozen_weight_both_ops(chunk_rows):
+    """Frozen weight: the loss runs the projected forward over all rows (chunk_rows per GEMM)."""
+    groups = random_groups(2)
+    batch = sdpo_fast.pack_groups(groups)
+    h, w = leaves(num_tokens(batch), seed=2, frozen=True)
+    h64, w64 = fp64_copies(h, w)
+    ref = torch.randn(batch.candidate_mask.shape) - 6.0
+
+    loss, _ = fused_sdpo_loss(h, w, batch, ref, sft_weight=0.2, backend="native", chunk_rows=chunk_rows)
+    loss.backward()
+    naive_loss(naive_logps(h64, w64, groups, batch), ref.double(), batch, 1.0, 0.2).backward()
+    assert w.grad is None
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+
+    h.grad = h64.grad = None
+    sdpo_fast.sequence_logprobs(h, w, batch, backend="native", chunk_rows=chunk_rows).sum().backward()
+    naive_logps(h64, w64, groups, batch).sum().backward()
+    assert w.grad is None
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_hidden_and_3d_hidden(loss_tile):
+    """Only dW wanted (hidden without grad), hidden given as [R, L, D]."""
+    groups = random_groups(7)
+    batch = sdpo_fast.pack_groups(groups, max_tokens_per_row=30)
+    R, L = batch.shape
+    h, w = leaves(R * L, seed=7)
+    h = h.detach().view(R, L, D)
+    h64, w64 = fp64_copies(h.view(R * L, D), w)
+    ref = torch.randn(batch.candidate_mask.shape) - 6.0
+    loss, _ = fused_sdpo_loss(h, w, batch, ref, backend="native", tile_elements=loss_tile)
+    loss.backward()
+    naive_loss(naive_logps(h64, w64, groups, batch), ref.double(), batch, 1.0, 0.0).backward()
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+
+    # the plain op with only dW wanted: rows kept in the dW-shaped buffer, in the extra one, recomputed
+    w.grad = w64.grad = None
+    upstream = torch.randn(batch.candidate_mask.shape)
+    lp = sdpo_fast.sequence_logprobs(h, w, batch, backend="native", keep_elements=V * 3, block=64, chunk_rows=5)
+    (lp * upstream).sum().backward()
+    (naive_logps(h64, w64, groups, batch) * upstream.double()).sum().backward()
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+
+    w.grad = w64.grad = h64.grad = None
+    h3 = h.clone().requires_grad_(True)
+    sdpo_fast.sequence_logprobs(h3, w, batch, backend="native").sum().backward()
+    naive_logps(h64, w64, groups, batch).sum().backward()
+    assert h3.grad.shape == (R, L, D)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(h3.grad.view(R * L, D).double(), h64.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("sft_weight", [0.0, 0.4])
+def test_shared_rows_and_repeated_tokens(sft_weight, loss_tile):
+    """Candidates of one token (every target on the prompt's shared last row), repeated first tokens
+    and identical candidates; with sft_weight 0 the shared row's summed dL/dlogp is exactly 0."""
+    groups = [
+        ([5, 9, 2], [[7], [7], [11], [200], [7]]),
+        ([4], [[1, 2, 3], [1, 2], [1], [256, 0, 0, 0]]),
+        ([8, 8], [[3]]),
+    ]
+    batch = sdpo_fast.pack_groups(groups)
+    h, w = leaves(num_tokens(batch), seed=3)
+    ref = torch.randn(batch.candidate_mask.shape) - 6.0
+    loss, metrics = fused_sdpo_loss(h, w, batch, ref, sft_weight=sft_weight, backend="native",
+                                    tile_elements=loss_tile)
+    loss.backward()
+    h64, w64 = fp64_copies(h, w)
+    logps64 = naive_logps(h64, w64, groups, batch)
+    naive_loss(logps64, ref.double(), batch, 1.0, sft_weight).backward()
+    torch.testing.assert_close(metrics["logps"].double(), logps64.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_confident_and_extreme_logits(loss_tile):
+    """Logits spanning hundreds of nats (exp underflow) and p(target) ~ 1: (p - 1) must not cancel."""
+    groups = random_groups(4, n_groups=3, max_len=2)
+    batch = sdpo_fast.pack_groups(groups)
+    h, w = leaves(num_tokens(batch), seed=4, scale=3.0)
+    with torch.no_grad():  # make each target dominate its row: p(target) close to 1
+        rows = batch.logit_rows.index_select(0, batch.target_rows)
+        h[rows] += 0.5 * w[batch.target_ids]
+    ref = torch.randn(batch.candidate_mask.shape) - 2.0
+    loss, metrics = fused_sdpo_loss(h, w, batch, ref, sft_weight=0.3, backend="native", tile_elements=loss_tile)
+    loss.backward()
+    h64, w64 = fp64_copies(h, w)
+    logps64 = naive_logps(h64, w64, groups, batch)
+    naive_loss(logps64, ref.double(), batch, 1.0, 0.3).backward()
+    torch.testing.assert_close(metrics["logps"].double(), logps64.detach(), rtol=1e-5, atol=1e-4)
+    scale_h, scale_w = h64.grad.abs().max(), w64.grad.abs().max()
+    assert (h.grad.double() - h64.grad).abs().max() <= 1e-5 * scale_h
+    assert (w.grad.double() - w64.grad).abs().max() <= 1e-5 * scale_w
+
+    # the plain op on the same rows (kept and recomputed segments both)
+    h.grad = w.grad = h64.grad = w64.grad = None
+    upstream = torch.randn(batch.candidate_mask.shape)
+    lp = sdpo_fast.sequence_logprobs(h, w, batch, backend="native", keep_elements=V * 2, block=100)
+    (lp * upstream).sum().backward()
+    (naive_logps(h64, w64, groups, batch) * upstream.double()).sum().backward()
+    assert (h.grad.double() - h64.grad).abs().max() <= 1e-5 * h64.grad.abs().max()
+    assert (w.grad.double() - w64.grad).abs().max() <= 1e-5 * w64.grad.abs().max()
+
+
+def test_bf16_inputs_beat_torch_error():
+    """bf16 hidden/weight: native computes in fp32, so its error against fp64 (on the same bf16
+    values) is at most the torch backend's, which rounds logits to bf16."""
+    groups = random_groups(5)
+    batch = sdpo_fast.pack_groups(groups)
+    h, w = leaves(num_tokens(batch), dtype=torch.bfloat16, seed=5)
+    ref = torch.randn(batch.candidate_mask.shape) - 6.0
+    h64, w64 = fp64_copies(h, w)
+    logps64 = naive_logps(h64, w64, groups, batch)
+    naive_loss(logps64, ref.double(), batch, 1.0, 0.1).backward()
+
+    errors = {}
+    for backend in ("native", "torch"):
+        h.grad = w.grad = None
+        loss, metrics = fused_sdpo_loss(h, w, batch, ref, sft_weight=0.1, backend=backend)
+        loss.backward()
+        assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+        errors[backend] = [
+            (metrics["logps"].double() - logps64.detach()).abs().max().item(),
+            (h.grad.double() - h64.grad).abs().max().item(),
+            (w.grad.double() - w64.grad).abs().max().item(),
+        ]
+    # gradients come back in bf16 in both backends: allow one bf16 rounding of the largest entry
+    slack = [1e-4, 2 ** -8 * h64.grad.abs().max().item(), 2 ** -8 * w64.grad.abs().max().item()]
+    for nat, tor, s in zip(errors["native"], errors["torch"], slack):
+        assert nat <= tor + s, errors
+    assert errors["native"][0] < 1e-3  # fp32 log-probs of bf16 inputs: no bf16 logit rounding
+
+    # the plain op, trainable and frozen weight: bf16 gradients within one bf16 rounding of fp64
+    upstream = torch.randn(batch.candidate_mask.shape)
+    for frozen in (False, True):
+        hb, wb = h.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(not frozen)
+        h64b, w64b = fp64_copies(hb, wb)
+        lp = sdpo_fast.sequence_logprobs(hb, wb, batch, backend="native", block=100)
+        (lp * upstream).sum().backward()
+        (naive_logps(h64b, w64b, groups, batch) * upstream.double()).sum().backward()
+        assert lp.dtype == torch.float32 and hb.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(lp.detach().double(), naive_logps(h64b, w64b, groups, batch).detach(),
+                                   rtol=1e-5, atol=1e-3)
+        assert (hb.grad.double() - h64b.grad).abs().max() <= 2 ** -8 * h64b.grad.abs().max()
+        if not frozen:
+            assert wb.grad.dtype == torch.bfloat16
+            assert (wb.grad.double() - w64b.grad).abs().max() <= 2 ** -8 * w64b.grad.abs().max()
