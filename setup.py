@@ -20,8 +20,8 @@ from setuptools import setup
 # extension (a wheel built without torch in sight, a non-editable install) can still compile it on
 # first use.
 PACKAGES = dict(
-    packages=["sdpo_fast", "sdpo_fast.kernels", "sdpo_fast.kernels.logprobs", "sdpo_fast.kernels.attention",
-              "sdpo_fast._csrc"],
+    packages=["sdpo_fast", "sdpo_fast.data", "sdpo_fast.eval", "sdpo_fast.kernels", "sdpo_fast.kernels.logprobs",
+              "sdpo_fast.kernels.attention", "sdpo_fast._csrc"],
     package_dir={"sdpo_fast": "sdpo_fast", "sdpo_fast.kernels": "kernels", "sdpo_fast._csrc": "csrc"},
     package_data={"sdpo_fast._csrc": ["*.cpp", "*.h"]},
 )

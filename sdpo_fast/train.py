@@ -277,28 +277,21 @@ def _my_shard(n: int) -> list[int]:
 def evaluate(runtime, tokenizer, features, train_args, name):
     """Ranking and/or generation metrics on ``features``, each rank scoring its shard (``_my_shard``);
     every rank returns the metrics of all of them."""
-    from .eval import generation_metrics, greedy_generate, ranking_metrics, score_candidates
+    from .eval import Sharding, evaluate_features
 
-    n = len(features)
-    mine = [features[i] for i in _my_shard(n)]
-    result = {}
-    if train_args.eval in ("ranking", "both"):
-        scores = score_candidates(runtime.model, mine, batch_size=train_args.batch_size, backend=train_args.backend,
-                                  pad_token_id=tokenizer.pad_token_id or 0, progress=rank() == 0)
-        width = max(len(f["candidate_ids"]) for f in features)  # same shape on every rank for the gather
-        scores = torch.nn.functional.pad(scores, (0, width - scores.shape[1]), value=float("-inf"))
-        scores = all_gather_rows(scores.to(runtime.device), n).cpu()
-        result.update(ranking_metrics(scores, [int(f["target_index"]) for f in features]))
-    if train_args.eval in ("generation", "both"):
-        answers = greedy_generate(
-            runtime.module, tokenizer, [f["prompt_ids"] for f in mine],
-            max_new_tokens=max(len(c) for f in features for c in f["candidate_ids"]) + 4,
-            batch_size=train_args.batch_size, progress=rank() == 0,
-            **({"synced_gpus": True} if runtime.stage3 else {}),
-        )
-        answers = all_gather_objects(answers)[:n]
-        gen = generation_metrics(answers, [f["candidates"] for f in features], [int(f["target_index"]) for f in features])
-        result.update({k: v for k, v in gen.items() if k != "num_examples"}, match="exact")
+    device = runtime.device
+    sharding = Sharding(
+        indices=_my_shard,
+        gather_rows=lambda t, n: all_gather_rows(t.to(device), n).cpu(),
+        gather_objects=all_gather_objects,
+        progress=rank() == 0,
+    )
+    result = evaluate_features(
+        runtime.model, tokenizer, features, ranking=train_args.eval in ("ranking", "both"),
+        generation=train_args.eval in ("generation", "both"), batch_size=train_args.batch_size,
+        backend=train_args.backend, sharding=sharding, generation_model=runtime.module,
+        generate_kwargs={"synced_gpus": True} if runtime.stage3 else None,
+    )
     if rank() == 0 and result:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
         print(f"[eval] {name}: {shown}", flush=True)

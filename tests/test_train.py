@@ -52,6 +52,7 @@ def test_config_errors_before_any_work(tmp_path, args, message):
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow  # end-to-end training (train.py subprocesses)
 def test_resume_reproduces_the_following_losses(tmp_path):
     common = ["--stage", "all", "--max_train_examples", "48", "--batch_size", "8", "--sft_epochs", "1",
               "--sdpo_epochs", "1", "--save_steps", "2", "--eval", "none", "--num_negatives", "3"]
@@ -70,6 +71,7 @@ def test_resume_reproduces_the_following_losses(tmp_path):
         assert got["reward_accuracy"] == want["reward_accuracy"]
 
 
+@pytest.mark.slow  # end-to-end training (train.py subprocesses)
 def test_lora_live_reference_equals_precomputed_at_the_start(tmp_path):
     """LoRA B starts at 0, so at step 1 the live reference (adapters off) and the precomputed one
     (the starting model) are the same model: identical first losses, then training proceeds."""

@@ -1,0 +1,61 @@
+"""Evaluation of LM recommenders: generation (HitRatio@1, ValidRatio) and ranking (HR@1, NDCG@5, MRR).
+
+Generation (the paper's protocol): greedy decoding after the prompt; the answer is matched to the
+example's candidates.
+
+* ``match="exact"`` (default): the answer's first line, normalised (``normalize_title``: Unicode
+  NFKC, lower case, whitespace collapsed, surrounding quotes and punctuation stripped), must equal
+  exactly one normalised candidate title.
+* ``match="substring"`` (the paper's code): every candidate whose normalised title occurs inside the
+  normalised answer counts as named. Difference: a short title inside a longer one miscounts, e.g.
+  candidates "Heat" and "White Heat" with the answer "White Heat" name two candidates, so the
+  answer is invalid under the substring rule and a hit under the exact one; a chatty answer
+  ("I recommend Heat because ...") is valid only under the substring rule.
+
+ValidRatio = answers naming exactly one candidate / examples; HitRatio@1 = answers naming exactly
+one candidate which is the target / examples.
+
+Ranking: each user's candidates (typically 20) are scored in one shared-prefix forward
+(``sdpo_fast.candidate_logprobs``: one group, column order = candidate order). Score = sequence
+log-prob of ``" " + title + EOS`` (``score="sum"``) or its per-token mean (``score="mean"``). The
+target's rank counts ties against it (rank = 1 + #other candidates scoring >= the target), so a
+constant scorer gets HR@1 = 0, not 1. HR@1 = mean(rank == 1), NDCG@5 = mean(1/log2(rank + 1) if
+rank <= 5 else 0), MRR = mean(1/rank).
+
+Also: baseline scorers (random, popularity, co-occurrence) on the same metrics, and JSON results
+plus a printed table.
+
+The package: ``metrics`` (matching rules, generation and ranking metrics), ``scoring`` (model scoring,
+greedy generation, the evaluations, the shard-and-gather hook the trainer uses), ``baselines``
+(random, popularity, co-occurrence scorers), ``cli`` (results table, JSON, ``python -m sdpo_fast.eval``).
+"""
+
+from .baselines import CooccurrenceScorer, PopularityScorer, RandomScorer, evaluate_baselines, evaluate_scorer
+from .cli import format_table, main, save_results
+from .metrics import generation_metrics, match_answer, normalize_title, ranking_metrics
+from .scoring import (
+    Sharding, default_max_new_tokens, evaluate_features, evaluate_generation, evaluate_ranking, greedy_generate,
+    score_candidates,
+)
+
+__all__ = [
+    "normalize_title",
+    "match_answer",
+    "generation_metrics",
+    "ranking_metrics",
+    "score_candidates",
+    "evaluate_ranking",
+    "greedy_generate",
+    "evaluate_generation",
+    "evaluate_features",
+    "default_max_new_tokens",
+    "Sharding",
+    "RandomScorer",
+    "PopularityScorer",
+    "CooccurrenceScorer",
+    "evaluate_scorer",
+    "evaluate_baselines",
+    "format_table",
+    "save_results",
+    "main",
+]

@@ -1,0 +1,72 @@
+"""Matching rules and metrics (the rules are in the package docstring): ``normalize_title``,
+``match_answer``, ``generation_metrics`` (HitRatio@1, ValidRatio), ``ranking_metrics`` (HR@1, NDCG@k, MRR)."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import Sequence
+
+import torch
+
+_STRIP = " \t\r\n\"'`.,;:!?\u201c\u201d\u2018\u2019"
+
+
+def normalize_title(text: str) -> str:
+    """NFKC, lower case, curly quotes made straight, whitespace collapsed, surrounding quotes and
+    punctuation stripped."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = text.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
+    return re.sub(r"\s+", " ", text).strip(_STRIP)
+
+
+def match_answer(answer: str, candidates: Sequence[str], match: str = "exact") -> list[int]:
+    """Indices of the candidates ``answer`` names (see the module docstring for the two rules)."""
+    if match == "exact":
+        lines = answer.strip().splitlines()
+        norm = normalize_title(lines[0]) if lines else ""
+        return [i for i, c in enumerate(candidates) if normalize_title(c) == norm] if norm else []
+    if match == "substring":
+        norm = normalize_title(answer)
+        return [i for i, c in enumerate(candidates) if normalize_title(c) and normalize_title(c) in norm]
+    raise ValueError(f"match must be 'exact' or 'substring', got {match!r}")
+
+
+def generation_metrics(answers: Sequence[str], candidates: Sequence[Sequence[str]], target_indices: Sequence[int],
+                       match: str = "exact") -> dict:
+    """``{"hit_ratio@1", "valid_ratio", "num_examples"}`` of generated answers."""
+    if not (len(answers) == len(candidates) == len(target_indices)):
+        raise ValueError("generation_metrics: answers, candidates and target_indices differ in length")
+    if not answers:
+        raise ValueError("generation_metrics: no answers")
+    valid = hit = 0
+    for a, c, t in zip(answers, candidates, target_indices):
+        named = match_answer(a, c, match)
+        if len(named) == 1:
+            valid += 1
+            hit += named[0] == t
+    n = len(answers)
+    return {"hit_ratio@1": hit / n, "valid_ratio": valid / n, "num_examples": n}
+
+
+def ranking_metrics(scores, target_index, k: int = 5) -> dict:
+    """HR@1, NDCG@k and MRR from ``scores`` ``[N, C]`` (higher = better; ``-inf`` = not a candidate)
+    and ``target_index`` ``[N]``. Ties count against the target (module docstring)."""
+    s = torch.as_tensor(scores, dtype=torch.float64)
+    t = torch.as_tensor(target_index, dtype=torch.long)
+    if s.dim() != 2 or t.shape != (s.shape[0],):
+        raise ValueError(f"ranking_metrics: expected scores [N, C] and targets [N], got {tuple(s.shape)}, {tuple(t.shape)}")
+    if s.shape[0] == 0:
+        raise ValueError("ranking_metrics: no examples")
+    if torch.isnan(s).any():
+        raise ValueError("ranking_metrics: NaN scores")
+    target = s.gather(1, t[:, None])
+    others = torch.ones_like(s, dtype=torch.bool).scatter_(1, t[:, None], False)
+    rank = 1 + ((s >= target) & others).sum(1).double()
+    ndcg = torch.where(rank <= k, 1.0 / torch.log2(rank + 1.0), torch.zeros_like(rank))
+    return {
+        "hr@1": (rank == 1).double().mean().item(),
+        f"ndcg@{k}": ndcg.mean().item(),
+        "mrr": (1.0 / rank).mean().item(),
+        "num_examples": int(s.shape[0]),
+    }
