@@ -1,17 +1,14 @@
 // GEMM dispatch of the native backend. torch's fp32 CPU matmul goes to its BLAS (MKL in the x86
-// wheels); torch also links oneDNN, whose fp32 matmul measured faster on the CI-like machine (AMD
-// EPYC Zen 4, 2 threads, D = 512, V = 32000, per vocabulary block: logits 0.309 s vs 0.346 s,
-// dHidden 0.306 vs 0.330, dW 0.305 vs 0.340 per 1928 rows; see benchmarks/README.md). oneDNN's fp32
+// wheels); torch also links oneDNN, whose fp32 matmul measured faster on the CI-like machine
+// (figures: benchmarks/results/design_measurements.md). oneDNN's fp32
 // matmul is reached through at::native::mkldnn_matmul, which libtorch_cpu exports but no installed
 // header declares, so it is declared here as a weak symbol: a torch without it leaves the pointer
 // null and the BLAS path is used. It is also skipped when torch.backends.mkldnn is disabled (the
 // user's switch, read at every op call) and when a first probe call fails (the function refuses fp32
 // on CPUs without AVX-512 BW/VL/DQ) or disagrees with the BLAS result.
 //
-// oneDNN builds (JIT-compiles) a kernel per new GEMM shape, ~1 ms each, and cached afterwards; small
-// ops with shapes that change every step never earn that back (D 128, V 2048, ~200 rows, new shapes
-// per call: 5.6 ms on oneDNN against 2.7 ms on the BLAS; ~1400 rows, 3.7e8 multiply-adds per pass:
-// 1.11x faster on oneDNN), hence kOneDnnMinWork.
+// oneDNN builds (JIT-compiles) a kernel per new GEMM shape, cached afterwards; small ops with shapes
+// that change every step never earn that back (design_measurements.md), hence kOneDnnMinWork.
 #include "gemm.h"
 
 #include <mutex>

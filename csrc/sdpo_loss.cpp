@@ -3,10 +3,8 @@
 //
 // The S-DPO loss ("sdpo_loss") works on logits tiles of at most `tile_elements` floats:
 //   * GEMMs (tile = h W^T, dH = tile W, dW += tile^T h) are split into vocabulary blocks, each a
-//     single-threaded GEMM on one OpenMP thread. A tile has few rows (two groups: ~480 at the
-//     benchmark shape), and letting the BLAS split such a GEMM over 2 threads costs ~35% more CPU
-//     time than 1 thread (measured here: logits GEMM [241, 512] x [512, 32000], 0.98 s vs 0.74 s of
-//     CPU per 1928 rows). The tile is stored block by block (Tile below), so every block is a
+//     single-threaded GEMM on one OpenMP thread: a tile has few rows, and letting the BLAS split such
+//     a GEMM over the threads cost more CPU time (benchmarks/results/design_measurements.md). The tile is stored block by block (Tile below), so every block is a
 //     contiguous GEMM operand. dW is one fp32 accumulator: the blocks own disjoint rows of it, so there
 //     are no per-thread copies and no atomics. dH is summed per thread over a fixed run of blocks,
 //     then over threads in order: deterministic for a given thread count.
@@ -14,8 +12,8 @@
 //     its dH rows written back into dhidden [T, D]: no [rows, D] fp32 copies are held.
 //   * The per-row passes (max, exp, sums, gradient rows) run in rowops.cpp, OpenMP over rows.
 //   * Few OpenMP regions per tile: with the default (active) wait policy an idle worker spins at every
-//     region's end, which on a 2-vCPU machine shared with other work cost ~20% of the step (2.52 s vs
-//     3.0 s with OMP_WAIT_POLICY=passive), so the small [n, D] ops run serially (c10::ParallelGuard).
+//     region's end, which on a shared 2-vCPU machine cost a share of the step (design_measurements.md),
+//     so the small [n, D] ops run serially (c10::ParallelGuard).
 //   * Whole groups: logit rows are stored group by group, so a tile holding all rows of one or more
 //     groups yields those groups' log-probs, loss and dL/dlogp, and the gradient GEMMs reuse the exp
 //     values left in the tile (three GEMMs). A group whose rows do not fit the tile budget falls back

@@ -23,7 +23,7 @@ dHidden from it without any logits (two GEMMs in all).
     backward of the loss driver): for a frozen weight (the projected forward: dHidden without logits),
     and, unless a tile size is given, for a batch of at most D logit rows with a trainable weight whose
     logits exceed the base tile (all of them kept in the buffer that becomes dW: no tile, no recompute).
-    The measurements behind both thresholds are in ``benchmarks/results/bench_logprob_cpu.md``.
+    The measurements behind the thresholds: ``benchmarks/results/design_measurements.md``.
 bf16/fp16 inputs are computed in fp32 (``weight`` is converted once per call: ``V * D * 4`` bytes).
 
 The GEMMs of a large call (logit rows x V x D >= 2**28) run on torch's oneDNN fp32 matmul where torch

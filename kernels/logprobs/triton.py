@@ -61,9 +61,8 @@ class Options:
     slice_cols: int | None = option(None, check="int>=1|None", doc="columns per gradient slice")
     allow_tf32: bool = option(False, doc="tf32 products for fp32 inputs")
 
-# dlogits slice: elements of the [Nr, S] buffer (2**25 bf16 = 64 MiB; at Nr = 14.5k, S = 2304 columns,
-# so each slice's two GEMMs are still [14.5k x 2304 x 4096]-sized). Small, for the peak-memory goal
-# (inputs + dW + dHidden within 1.1x at Nr = 16k, V = 128256).
+# dlogits slice: elements of the [Nr, S] buffer (2**25 bf16 = 64 MiB), small for the peak-memory goal
+# while each slice's two GEMMs stay large (benchmarks/results/design_measurements.md).
 _SLICE_ELEMENTS = 1 << 25
 # Rows per step of the final fp32 -> input-dtype scatter of dHidden (bounds its temporary).
 _CAST_ROWS = 4096
