@@ -106,3 +106,23 @@ def test_tensor_inputs_and_to():
 def test_bad_input_names_the_group(groups, kwargs, message):
     with pytest.raises(ValueError, match=message):
         sdpo_fast.pack_groups(groups, **kwargs)
+
+
+@pytest.mark.parametrize("max_tokens", [None, 12])
+def test_group_rows_are_the_groups_logit_row_and_target_ranges(max_tokens):
+    """pack_groups' host ranges agree with the device layout: group g's logit rows [r0, r1) are the
+    rows whose targets belong to g, its targets [t0, t1) are theirs (row_ptr), ranges are consecutive."""
+    groups = [([1, 2, 3], [[4, 5], [6], [7, 8, 9]]), ([10], [[11]]), ([12, 13], [[14, 15, 16], [17, 18]])]
+    batch = sdpo_fast.pack_groups(groups, max_tokens_per_row=max_tokens)
+    C = batch.num_candidates
+    group_of_target = (batch.target_candidates // C).tolist()
+    group_of_row = [group_of_target[int(batch.row_ptr[r])] for r in range(batch.logit_rows.numel())]
+    ends = [0]
+    for g, (r0, r1, t0, t1) in enumerate(batch.group_rows):
+        assert r0 == ends[-1] and r1 > r0
+        assert group_of_row[r0:r1] == [g] * (r1 - r0)
+        assert (int(batch.row_ptr[r0]), int(batch.row_ptr[r1])) == (t0, t1)
+        assert group_of_target[t0:t1] == [g] * (t1 - t0)
+        ends.append(r1)
+    assert ends[-1] == batch.logit_rows.numel()
+    assert batch.group_row_ptr.tolist() == ends
