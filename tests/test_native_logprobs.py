@@ -2,15 +2,11 @@
 reference: every row segment, the second backward, the frozen-weight projection, what is kept."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import sdpo_fast
-from sdpo_fast import backends
-from sdpo_fast.loss import fused_sdpo_loss, sdpo_loss
 
 if os.environ.get("SDPO_FAST_NO_EXT", "0") not in ("", "0"):
     pytest.skip("SDPO_FAST_NO_EXT is set: the native extension is deliberately absent", allow_module_level=True)
@@ -18,9 +14,9 @@ if os.environ.get("SDPO_FAST_NO_EXT", "0") not in ("", "0"):
 # Without the flag the extension must load (a broken build fails here instead of skipping).
 import sdpo_fast.kernels.logprobs.native as nat  # noqa: E402
 from native_cases import (  # noqa: E402
-    D, LOSS_PATHS, SEQ_OPTIONS, V, fp64_copies, leaves, num_tokens, random_groups,
+    D, SEQ_OPTIONS, fp64_copies, leaves, num_tokens, random_groups,
 )
-from references import naive_loss, reference_logps as naive_logps  # noqa: E402
+from references import reference_logps as naive_logps  # noqa: E402
 
 
 @pytest.mark.parametrize("opts", SEQ_OPTIONS.values(), ids=SEQ_OPTIONS.keys())

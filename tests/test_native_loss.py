@@ -2,15 +2,12 @@
 per-candidate reference: tiles, the default tile, the path decision, frozen / 3-D hidden, extreme logits, bf16."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import sdpo_fast
-from sdpo_fast import backends
-from sdpo_fast.loss import fused_sdpo_loss, sdpo_loss
+from sdpo_fast.loss import fused_sdpo_loss
 
 if os.environ.get("SDPO_FAST_NO_EXT", "0") not in ("", "0"):
     pytest.skip("SDPO_FAST_NO_EXT is set: the native extension is deliberately absent", allow_module_level=True)
@@ -18,7 +15,7 @@ if os.environ.get("SDPO_FAST_NO_EXT", "0") not in ("", "0"):
 # Without the flag the extension must load (a broken build fails here instead of skipping).
 import sdpo_fast.kernels.logprobs.native as nat  # noqa: E402
 from native_cases import (  # noqa: E402
-    D, LOSS_PATHS, SEQ_OPTIONS, V, fp64_copies, leaves, num_tokens, random_groups,
+    D, V, fp64_copies, leaves, num_tokens, random_groups,
 )
 from references import naive_loss, reference_logps as naive_logps  # noqa: E402
 
@@ -250,8 +247,8 @@ def test_bf16_inputs_beat_torch_error():
         ]
     # gradients come back in bf16 in both backends: allow one bf16 rounding of the largest entry
     slack = [1e-4, 2 ** -8 * h64.grad.abs().max().item(), 2 ** -8 * w64.grad.abs().max().item()]
-    for nat, tor, s in zip(errors["native"], errors["torch"], slack):
-        assert nat <= tor + s, errors
+    for got, tor, s in zip(errors["native"], errors["torch"], slack):
+        assert got <= tor + s, errors
     assert errors["native"][0] < 1e-3  # fp32 log-probs of bf16 inputs: no bf16 logit rounding
 
     # the plain op, trainable and frozen weight: bf16 gradients within one bf16 rounding of fp64

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import sdpo_fast
 from references import dense_attention as dense_reference

@@ -14,13 +14,13 @@ import torch
 
 import sdpo_fast
 from sdpo_fast import backends
-from sdpo_fast.loss import fused_sdpo_loss, sdpo_loss
+from sdpo_fast.loss import fused_sdpo_loss
 
 pytest.importorskip("triton")
 lp = pytest.importorskip("sdpo_fast.kernels.logprobs.triton")
 from logprob_checks import (  # noqa: E402
     CASES, FLOOR, SMALL, SPLIT, D, V, assert_close_rule, backend_loss, check_fused_loss, check_sequence_logprobs,
-    grads_of, options_for, rel, setup,
+    options_for, rel, setup,
 )
 from references import reference_logps, reference_loss  # noqa: E402
 
