@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
 import platform
@@ -46,6 +45,8 @@ from tqdm import tqdm  # noqa: E402
 import sdpo_fast  # noqa: E402
 from sdpo_fast.kernels.attention.reference import torch_shared_prefix_attention  # noqa: E402
 from sdpo_fast.kernels.attention.launch import triton_shared_prefix_attention  # noqa: E402
+
+from harness import commit, utc_now  # noqa: E402  (benchmarks/)
 
 # Covers every K and the prompt range in five shapes; flex recompiles per shape, which dominates.
 REPEATS = 5  # CPU wall-clock repeats (--repeats)
@@ -303,7 +304,7 @@ def main(argv=None):
         device=torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()}), "
         "Triton interpreter",
         torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        date=utc_now(), commit=commit(),
         dtype=args.dtype, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, cand=list(args.cand),
         tokens=args.tokens, methods=args.methods,
     )

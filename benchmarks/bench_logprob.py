@@ -27,7 +27,6 @@ PTX's load / wgmma instructions.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -45,6 +44,8 @@ import torch
 
 import sdpo_fast
 from sdpo_fast.loss import fused_sdpo_loss
+
+from harness import commit, package_versions, utc_now  # noqa: E402  (benchmarks/)
 
 REPO = Path(__file__).resolve().parents[1]
 CANDIDATES, CAND_LEN, PROMPT = 16, 8, 32  # one group: 16 candidates of 8 tokens = 128 targets
@@ -322,20 +323,10 @@ def cpu_rows(reps: int):
 def environment(device: str) -> dict:
     import triton
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    env = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), device=device,
-               torch=torch.__version__, triton=triton.__version__, python=platform.python_version(), commit=commit,
-               cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
-    for mod in ("liger_kernel", "cut_cross_entropy"):
-        try:
-            from importlib.metadata import version
-
-            env[mod] = version(mod.replace("_", "-"))
-        except Exception:  # noqa: BLE001
-            pass
+    env = dict(date=utc_now(), device=device, torch=torch.__version__, triton=triton.__version__,
+               python=platform.python_version(), commit=commit(), cpu=platform.processor() or platform.machine(),
+               threads=torch.get_num_threads())
+    env.update({k.replace("-", "_"): v for k, v in package_versions(("liger-kernel", "cut-cross-entropy")).items()})
     return env
 
 

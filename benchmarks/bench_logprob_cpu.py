@@ -32,17 +32,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+
+from harness import commit, interleaved_times, rss_kb, utc_now, write_json, write_text  # noqa: E402  (benchmarks/)
 
 ROWS = ("eager", "torch_chunked", "native_logprobs", "native_fused", "native_logprobs_blas", "native_fused_blas")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -127,21 +127,6 @@ def run_step(name, batch, hidden, weight, ref):
     return loss.detach()
 
 
-def interleaved_times(fns: dict, repeats: int, desc: str = "timing") -> dict:
-    """Seconds of each callable per round: one warm-up each, then ``repeats`` round-robin passes."""
-    from tqdm import tqdm
-
-    for fn in fns.values():
-        fn()
-    times = {k: [] for k in fns}
-    for _ in tqdm(range(repeats), desc=desc):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return times
-
-
 def gemm_fns(n, dim, vocab, dtype):
     """The three GEMMs of eager's shapes: logits [n, D] x [D, V], dHidden [n, V] x [V, D], dW [V, n] x [n, D]."""
     a = torch.randn(n, dim, dtype=dtype)
@@ -152,12 +137,6 @@ def gemm_fns(n, dim, vocab, dtype):
         "gemm_dhidden": lambda: g @ w,
         "gemm_dweight": lambda: g.t() @ a,
     }
-
-
-def _rss_kb():
-    with open("/proc/self/status") as f:
-        fields = dict(line.split(":", 1) for line in f)
-    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
 def peak_extra_mb(name, shape_args):
@@ -177,9 +156,9 @@ def _memory_child(name, shape_args):
     backends.available("logprobs")  # load optional backends (and the extension) before measuring
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS mark (VmHWM)
-    before, _ = _rss_kb()
+    before, _ = rss_kb()
     run_step(name, batch, hidden, weight, ref)
-    _, peak = _rss_kb()
+    _, peak = rss_kb()
     grads = sum(t.grad.numel() * t.grad.element_size() for t in (hidden, weight) if t.grad is not None) / 2**20
     total = (peak - before) / 1024
     print(json.dumps({"total": total, "working": total - grads}))
@@ -255,7 +234,8 @@ def main(argv=None):
 
     result = {
         "benchmark": "logprob_cpu",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
+        "commit": commit(),
         "device": f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
         "native_gemm_engine": engine,
         "load_avg_1m": os.getloadavg()[0],
@@ -281,8 +261,8 @@ def main(argv=None):
     stem += "" if args.threads is None else f"_t{args.threads}"
     stem += "" if (args.vocab, args.groups) == (32000, 8) else f"_v{args.vocab}_g{args.groups}"
     stem += "_frozen_weight" if args.frozen_weight else ""
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(md + "\n")
+    write_json(args.out / f"{stem}.json", result)
+    write_text(args.out / f"{stem}.md", md + "\n")
     return result
 
 

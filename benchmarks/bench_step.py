@@ -38,16 +38,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import ctypes
-import datetime
 import gc
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -63,6 +59,8 @@ from sdpo_fast import backends
 from sdpo_fast.loss import sdpo_loss
 from sdpo_fast.model import output_weight, unwrap_causal_lm
 from sdpo_fast.packing import PackedBatch
+
+from harness import PeakRSS, commit, cpu_name, package_versions, utc_now, write_text  # noqa: E402  (benchmarks/)
 
 REPO = Path(__file__).resolve().parents[1]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -296,48 +294,6 @@ def train_step(method, model, opt, data, ref_fixed, lora):
 def grad_norm(model) -> float:
     norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
-
-
-class PeakRSS:
-    """Growth of the process's resident memory while the block runs (CPU), sampled every millisecond.
-
-    Freed heap memory is handed back first (glibc ``malloc_trim``) so the baseline is the live set;
-    ``mib`` is None where /proc is missing. Approximate: allocator caching can hide some growth.
-    """
-
-    def __init__(self):
-        self.mib = None
-        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
-
-    def __enter__(self):
-        if not os.path.exists("/proc/self/statm"):
-            return self
-        gc.collect()
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-        self._base = self._peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _poll(self):
-        while not self._stop.wait(0.001):
-            self._peak = max(self._peak, self._rss())
-
-    def __exit__(self, *exc):
-        if hasattr(self, "_thread"):
-            self._stop.set()
-            self._thread.join()
-            self._peak = max(self._peak, self._rss())
-            self.mib = (self._peak - self._base) / 2**20
-        return False
 
 
 def check_step(method, model, opt, data, ref_fixed, lora, device) -> dict:
@@ -574,30 +530,17 @@ def largest_fitting_k(rows: list[dict]) -> dict:
 
 
 def environment(args, device, methods, notes) -> dict:
-    def version(pkg):
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return None
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        n = torch.get_num_threads()
-        name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {n} thread{'s' * (n != 1)})"
-    versions = {p: version(p) for p in ("torch", "transformers", "peft", "triton", "sdpo_fast", "cut-cross-entropy", "liger-kernel")}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(torch.get_num_threads())
+    versions = package_versions(("torch", "transformers", "peft", "triton", "sdpo_fast", "cut-cross-entropy",
+                                 "liger-kernel"))
     return dict(
         benchmark="bench_step",
         preset=args.preset,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        date=utc_now(),
         device=name,
-        commit=commit,
+        commit=commit(),
         python=platform.python_version(),
-        versions={k: v for k, v in versions.items() if v},
+        versions=versions,
         dtype=args.dtype,
         model=(
             f"llama layers={args.layers} hidden={args.hidden} intermediate={args.intermediate} heads={args.heads}/"
@@ -792,20 +735,13 @@ def write(meta, rows, out_dir: Path, name: str, make_plot: bool = True) -> dict:
     summary = summarize(rows)
     paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md"}
     result = {"meta": meta, "summary": summary, "largest_k": largest_fitting_k(rows), "rows": rows}
-    _write_text(paths["json"], json.dumps(result, indent=2) + "\n")
+    write_text(paths["json"], json.dumps(result, indent=2) + "\n")
     text = markdown(meta, rows, summary)
     if make_plot and plot(meta, rows, summary, out_dir / f"{name}.png"):
         paths["png"] = out_dir / f"{name}.png"
         text = text.replace("\n## All rows", f"\n![step time and memory vs K]({name}.png)\n\n## All rows", 1)
-    _write_text(paths["md"], text)
+    write_text(paths["md"], text)
     return paths
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write through a temporary file, so a run killed by a time limit never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------- main

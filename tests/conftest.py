@@ -37,8 +37,12 @@ def one_thread():
 
 
 def load_benchmark(name: str):
-    """Imports ``benchmarks/<name>.py`` (not a package) as module ``name``."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    """Imports ``benchmarks/<name>.py`` (not a package) as module ``name``, with the folder on sys.path
+    as when the script runs (it imports the shared ``harness`` from there)."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    path = folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
