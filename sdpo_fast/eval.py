@@ -94,6 +94,9 @@ def generation_metrics(answers: Sequence[str], candidates: Sequence[Sequence[str
         raise ValueError("generation_metrics: answers, candidates and target_indices differ in length")
     if not answers:
         raise ValueError("generation_metrics: no answers")
+    few = next((i for i, c in enumerate(candidates) if len(c) < 2), None)
+    if few is not None:
+        raise ValueError(f"generation_metrics: example {few} has fewer than 2 candidates (need >= 2)")
     valid = hit = 0
     for a, c, t in zip(answers, candidates, target_indices):
         named = match_answer(a, c, match)
@@ -115,6 +118,9 @@ def ranking_metrics(scores, target_index, k: int = 5) -> dict:
         raise ValueError("ranking_metrics: no examples")
     if torch.isnan(s).any():
         raise ValueError("ranking_metrics: NaN scores")
+    few = (torch.isfinite(s).sum(1) < 2).nonzero()
+    if few.numel():  # one candidate is always "ranked first": a hit that measures nothing
+        raise ValueError(f"ranking_metrics: example {int(few[0])} has fewer than 2 scored candidates (need >= 2)")
     target = s.gather(1, t[:, None])
     others = torch.ones_like(s, dtype=torch.bool).scatter_(1, t[:, None], False)
     rank = 1 + ((s >= target) & others).sum(1).double()
@@ -132,9 +138,13 @@ def ranking_metrics(scores, target_index, k: int = 5) -> dict:
 
 def _features(examples, tokenizer, tokenize_kwargs) -> list[dict]:
     """Rows with prompt_ids / candidate_ids / target_index / candidates: tokenises RecExamples,
-    passes tokenised rows (``tokenize_dataset`` output) through."""
+    passes tokenised rows (``tokenize_dataset`` output) through. Examples with fewer than 2
+    candidates are refused."""
     if len(examples) == 0:
         raise ValueError("no examples to evaluate")
+    few = next((i for i in range(len(examples)) if len(_candidates_of(examples[i])) < 2), None)
+    if few is not None:
+        raise ValueError(f"example {few} has fewer than 2 candidates: evaluation needs at least 2 per example")
     first = examples[0]
     if isinstance(first, RecExample):
         if tokenizer is None:
@@ -149,6 +159,10 @@ def _features(examples, tokenizer, tokenize_kwargs) -> list[dict]:
     if hasattr(examples, "column_names") and "prompt_ids" in examples.column_names:  # datasets.Dataset
         return [examples[i] for i in range(len(examples))]
     raise ValueError("examples must be RecExamples or tokenised rows (tokenize_dataset output)")
+
+
+def _candidates_of(example):
+    return example.candidates if isinstance(example, RecExample) else example["candidate_ids"]
 
 
 def _device(model) -> torch.device:

@@ -278,8 +278,8 @@ def run_stage(stage, runtime, tokenizer, train_ds, data_args, train_args, log, s
             raise NonFiniteError(f"the gradient norm is {grad_norm} at {where}")
         values = {"loss": loss_value}
         if sdpo:
-            values["reward_accuracy"] = metrics["accuracy"].mean().item()
-            values["reward_margin"] = metrics["reward_margins"].mean().item()
+            values["reward_accuracy"] = metrics["accuracy"].nanmean().item()
+            values["reward_margin"] = metrics["reward_margins"].nanmean().item()
         values["chosen_logp"] = metrics["logps"][:, 0].mean().item()
         values = all_mean(values)
         dt = time.perf_counter() - t0
@@ -440,8 +440,10 @@ def _main(argv=None) -> int:
     max_positions = getattr(unwrap_config(model), "max_position_embeddings", None)
     tok_kwargs = dict(max_prompt_tokens=data_args.max_prompt_tokens, seed=data_args.data_seed)
     train_ds = _tokenize(train_examples, tokenizer, cache_dir, "tokenizing train", max_positions, **tok_kwargs)
-    eval_ds = _tokenize(eval_examples, tokenizer, cache_dir, "tokenizing test", max_positions, **tok_kwargs)
-    eval_features = [dict(eval_ds[i], candidates=list(eval_examples[i].candidates)) for i in range(len(eval_ds))]
+    eval_features = []
+    if train_args.eval != "none":
+        eval_ds = _tokenize(eval_examples, tokenizer, cache_dir, "tokenizing test", max_positions, **tok_kwargs)
+        eval_features = [dict(eval_ds[i], candidates=list(eval_examples[i].candidates)) for i in range(len(eval_ds))]
 
     signature = run_signature(model_args, data_args, train_args, bf16=bf16, train_ds=train_ds,
                               base_weights=fingerprint.model_weights(model))
