@@ -46,11 +46,11 @@ def _user_message(exc: BaseException) -> str | None:
 
     if isinstance(exc, SystemExit):
         return one_line(exc.code) if isinstance(exc.code, str) else None
+    if isinstance(exc, UserError):
+        return str(exc)  # one problem per line (``config.validate`` reports all it finds)
     if disk_full(exc):
         where = getattr(exc, "filename", None)
         return f"the disk is full (no space left on device){f' writing {where}' if where else ''}: {one_line(exc)}"
-    if isinstance(exc, UserError):
-        return str(exc)  # one problem per line (``config.validate`` reports all it finds)
     if isinstance(exc, DataFormatError):
         return one_line(exc)
     if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):

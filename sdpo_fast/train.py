@@ -242,65 +242,66 @@ def run_stage(stage, runtime, tokenizer, train_ds, data_args, train_args, log, s
         raise ValueError("run_stage: S-DPO with a precomputed reference needs ref_all")
     runtime.train()
     bar = tqdm(total=total, initial=start_step, desc=stage, disable=r != 0, dynamic_ncols=True)
-    for step in range(start_step, total):
-        t0 = time.perf_counter()
-        epoch, pos = divmod(step, per_epoch)
-        order = epoch_order(n, train_args.seed, stage, epoch)
-        idx = order[(pos * W + r) * B : (pos * W + r + 1) * B].tolist()
-        collator.set_epoch(epoch)
-        batch = collator([train_ds[i] for i in idx]).to(runtime.device)
-        packed = batch.packed
-        if not sdpo:
-            ref = torch.zeros(packed.candidate_mask.shape, device=runtime.device)
-            beta, sft_weight = 1.0, 1.0
-        elif ref_all is not None:
-            cols = batch.candidate_index.clamp(min=0).cpu()
-            ref = ref_all[batch.idx.cpu()].gather(1, cols).masked_fill(~packed.candidate_mask.cpu(), 0.0)
-            ref = ref.to(runtime.device)
-            beta, sft_weight = train_args.beta, train_args.sft_weight
-        else:
-            with torch.no_grad(), runtime.module.disable_adapter():
-                ref = candidate_logprobs(runtime.model, packed, backend=train_args.backend)
-            beta, sft_weight = train_args.beta, train_args.sft_weight
-        loss, metrics = candidate_sdpo_loss(
-            runtime.model, packed, ref, beta=beta, sft_weight=sft_weight, backend=train_args.backend
-        )
-        lr_now = schedule(step)
-        loss_value = loss.item()
-        where = f"{stage} step {step + 1}"
-        if not math.isfinite(loss_value):
-            raise NonFiniteError(f"the loss is {loss_value} at {where}")
-        try:
-            grad_norm = runtime.backward_and_step(loss, lr_now)
-        except NonFiniteError as exc:
-            raise NonFiniteError(f"the {exc} at {where}") from None
-        if not math.isfinite(grad_norm):  # the DeepSpeed engine has stepped already
-            raise NonFiniteError(f"the gradient norm is {grad_norm} at {where}")
-        values = {"loss": loss_value}
-        if sdpo:
-            values["reward_accuracy"] = metrics["accuracy"].nanmean().item()
-            values["reward_margin"] = metrics["reward_margins"].nanmean().item()
-        values["chosen_logp"] = metrics["logps"][:, 0].mean().item()
-        values = all_mean(values)
-        dt = time.perf_counter() - t0
-        tokens_per_s = packed.num_tokens * W / dt
-        record = {"stage": stage, "step": step + 1, "epoch": epoch, "lr": lr_now, "grad_norm": grad_norm,
-                  "tokens_per_s": tokens_per_s, **values}
-        if (step + 1) % train_args.log_every == 0 or step + 1 == total:
-            log.write(record, step=step + 1)
-        shown = {"loss": f"{values['loss']:.4f}", "tok/s": f"{tokens_per_s:,.0f}"}
-        if sdpo:
-            shown["acc"] = f"{values['reward_accuracy']:.2f}"
-        bar.set_postfix(shown)
-        bar.update(1)
-        signum = stop.requested() if stop is not None else None
-        periodic = train_args.save_steps and (step + 1) % train_args.save_steps == 0 and step + 1 < total
-        if on_save is not None and (periodic or signum):
-            path = on_save(stage, step + 1)
-            if signum:
-                bar.close()
-                raise Stopped(signum, path, where)
-    bar.close()
+    try:
+        for step in range(start_step, total):
+            t0 = time.perf_counter()
+            epoch, pos = divmod(step, per_epoch)
+            order = epoch_order(n, train_args.seed, stage, epoch)
+            idx = order[(pos * W + r) * B : (pos * W + r + 1) * B].tolist()
+            collator.set_epoch(epoch)
+            batch = collator([train_ds[i] for i in idx]).to(runtime.device)
+            packed = batch.packed
+            if not sdpo:
+                ref = torch.zeros(packed.candidate_mask.shape, device=runtime.device)
+                beta, sft_weight = 1.0, 1.0
+            elif ref_all is not None:
+                cols = batch.candidate_index.clamp(min=0).cpu()
+                ref = ref_all[batch.idx.cpu()].gather(1, cols).masked_fill(~packed.candidate_mask.cpu(), 0.0)
+                ref = ref.to(runtime.device)
+                beta, sft_weight = train_args.beta, train_args.sft_weight
+            else:
+                with torch.no_grad(), runtime.module.disable_adapter():
+                    ref = candidate_logprobs(runtime.model, packed, backend=train_args.backend)
+                beta, sft_weight = train_args.beta, train_args.sft_weight
+            loss, metrics = candidate_sdpo_loss(
+                runtime.model, packed, ref, beta=beta, sft_weight=sft_weight, backend=train_args.backend
+            )
+            lr_now = schedule(step)
+            loss_value = loss.item()
+            where = f"{stage} step {step + 1}"
+            if all_mean({"bad": float(not math.isfinite(loss_value))})["bad"] > 0:  # every rank stops together
+                raise NonFiniteError(f"the loss is {loss_value if not math.isfinite(loss_value) else 'non-finite on another rank'} at {where}")
+            try:
+                grad_norm = runtime.backward_and_step(loss, lr_now)
+            except NonFiniteError as exc:
+                raise NonFiniteError(f"the {exc} at {where}") from None
+            if not math.isfinite(grad_norm):  # the DeepSpeed engine has stepped already
+                raise NonFiniteError(f"the gradient norm is {grad_norm} at {where}")
+            values = {"loss": loss_value}
+            if sdpo:
+                values["reward_accuracy"] = metrics["accuracy"].nanmean().item()
+                values["reward_margin"] = metrics["reward_margins"].nanmean().item()
+            values["chosen_logp"] = metrics["logps"][:, 0].mean().item()
+            values = all_mean(values)
+            dt = time.perf_counter() - t0
+            tokens_per_s = packed.num_tokens * W / dt
+            record = {"stage": stage, "step": step + 1, "epoch": epoch, "lr": lr_now, "grad_norm": grad_norm,
+                      "tokens_per_s": tokens_per_s, **values}
+            if (step + 1) % train_args.log_every == 0 or step + 1 == total:
+                log.write(record, step=step + 1)
+            shown = {"loss": f"{values['loss']:.4f}", "tok/s": f"{tokens_per_s:,.0f}"}
+            if sdpo:
+                shown["acc"] = f"{values['reward_accuracy']:.2f}"
+            bar.set_postfix(shown)
+            bar.update(1)
+            signum = stop.requested() if stop is not None else None
+            periodic = train_args.save_steps and (step + 1) % train_args.save_steps == 0 and step + 1 < total
+            if on_save is not None and (periodic or signum):
+                path = on_save(stage, step + 1)
+                if signum:
+                    raise Stopped(signum, path, where)
+    finally:
+        bar.close()  # an error line then starts on a line of its own
     return total
 
 

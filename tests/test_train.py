@@ -54,7 +54,7 @@ def user_error(capsys, argv):
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
         train_mod.main(argv)
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err.replace("\r", "\n")  # progress bars redraw with \r
     return info.value.code, [line for line in err.splitlines() if line.strip() and "%|" not in line]
 
 
