@@ -155,6 +155,36 @@ def test_signal_stops_with_a_checkpoint_and_resume_is_exact(tmp_path, capsys, mo
     _same_losses(metrics(out), full)
 
 
+@pytest.mark.slow
+def test_sigterm_from_another_process_then_resume(tmp_path):
+    """A real ``python train.py`` process receives SIGTERM from outside while training: it exits with
+    143 after writing a checkpoint; a second process resumes with ``latest`` and the run's
+    metrics.jsonl has each step once, with the uninterrupted run's losses."""
+    import time
+
+    train_in_process(RESUME, tmp_path / "a")
+    full = metrics(tmp_path / "a")
+    out = tmp_path / "b"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--output_dir", str(out)] + TINY + RESUME
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = out / "metrics.jsonl", time.monotonic() + 300
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert re.fullmatch(r"stopped by SIGTERM after (sft|sdpo) step \d+: checkpoint \S+ written; resume with the same "
+                        r"flags and --resume_from_checkpoint \S+ \(or latest\)", last), last
+    run_train(RESUME + ["--resume_from_checkpoint", "latest"], out)
+    resumed = metrics(out)
+    assert [(m["stage"], m["step"]) for m in resumed] == [(m["stage"], m["step"]) for m in full]
+    for got, want in zip(resumed, full):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6, abs=1e-7)
+
+
 def test_lora_live_reference_equals_precomputed_at_the_start(tmp_path):
     """LoRA B starts at 0, so at step 1 the live reference (adapters off) and the precomputed one
     (the starting model) are the same model: identical first losses, then training proceeds."""
