@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from . import checkpoint, fingerprint
 from .config import parse_args
 from .errors import UserError, cli
-from .model import candidate_logprobs, candidate_sdpo_loss
+from .model import candidate_logprobs, candidate_sdpo_loss, unwrap_causal_lm
 from .outputs import MetricsLog, prepare_output_dir, write_json_atomic
 from .runtime import (
     NonFiniteError, Runtime, Schedule, all_gather_objects, all_gather_rows, all_mean, barrier, rank, seed_everything,
@@ -438,7 +438,7 @@ def _main(argv=None) -> int:
     eval_examples = splits.test[: data_args.max_eval_examples] if data_args.max_eval_examples else splits.test
     if train_args.eval != "none":
         eval_examples = _usable_eval_examples(eval_examples)
-    max_positions = getattr(unwrap_config(model), "max_position_embeddings", None)
+    max_positions = getattr(unwrap_causal_lm(model).config, "max_position_embeddings", None)
     tok_kwargs = dict(max_prompt_tokens=data_args.max_prompt_tokens, seed=data_args.data_seed)
     train_ds = _tokenize(train_examples, tokenizer, cache_dir, "tokenizing train", max_positions, **tok_kwargs)
     eval_features = []
@@ -532,12 +532,6 @@ def _main(argv=None) -> int:
         print(f"\nexported to {final}" + (f" (base model: {base})" if base else ""))
     barrier()
     return 0
-
-
-def unwrap_config(model):
-    from .model import unwrap_causal_lm
-
-    return unwrap_causal_lm(model).config
 
 
 def _export_atomic(runtime, tokenizer, final, base):
