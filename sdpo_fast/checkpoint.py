@@ -14,9 +14,13 @@ import json
 import os
 import shutil
 
+from . import fingerprint
 from .errors import UserError, disk_full
 
-__all__ = ["MANIFEST", "write_folder", "read_manifest", "latest", "load_file", "write_bytes_atomic", "resume_mismatches"]
+__all__ = [
+    "MANIFEST", "MUST_MATCH", "write_folder", "read_manifest", "latest", "resolve", "load_file", "write_bytes_atomic",
+    "run_signature", "resume_mismatches",
+]
 
 MANIFEST = "checkpoint.json"
 FORMAT = 1
@@ -174,3 +178,41 @@ def resume_mismatches(saved: dict, current: dict) -> list[str]:
         if saved.get(k) != current.get(k):
             out.append(f"{k}: the checkpoint has {saved.get(k)!r}, this run {current.get(k)!r}")
     return out
+
+
+def resolve(path: str | None, output_dir: str) -> str | None:
+    """``--resume_from_checkpoint``: a folder as given, ``"latest"`` as ``latest(output_dir)``."""
+    if path != "latest":
+        return path
+    found = latest(output_dir)
+    if found is None:
+        raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}")
+    return found
+
+
+# Flags a resumed run must share with its checkpoint: they change the batches, the model or the
+# optimisation. Not listed (free to change on resume): output and logging, evaluation, backend,
+# gradient checkpointing, save_steps.
+MUST_MATCH = {
+    "model": ("model_name_or_path", "tiny_layers", "tiny_hidden", "tiny_heads", "tiny_kv_heads", "tokenizer_vocab",
+              "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
+    "data": ("dataset", "data_path", "titles_path", "data_seed", "num_negatives", "negatives", "max_prompt_tokens",
+             "max_train_examples"),
+    "train": ("stage", "seed", "sft_epochs", "sdpo_epochs", "sft_learning_rate", "sdpo_learning_rate", "weight_decay",
+              "warmup_ratio", "max_grad_norm", "batch_size", "beta", "sft_weight", "reference", "max_steps"),
+}
+
+
+def run_signature(model_args, data_args, train_args, *, bf16, world_size, train_ds, base_weights) -> dict:
+    """What a checkpoint records and a resumed run must match: ``{"--flag": value, ...}`` plus the
+    world size, the precision and fingerprints of the tokenized training data and the starting weights
+    (``base_weights``, a ``fingerprint.model_weights`` digest)."""
+    sig = {}
+    for group, args in (("model", model_args), ("data", data_args), ("train", train_args)):
+        for name in MUST_MATCH[group]:
+            sig[f"--{name}"] = getattr(args, name)
+    sig["world size"] = world_size
+    sig["bf16"] = bool(bf16)
+    sig["tokenized training data"] = fingerprint.features(train_ds)
+    sig["starting model weights"] = base_weights
+    return sig

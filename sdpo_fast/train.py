@@ -349,43 +349,6 @@ def evaluate(runtime, tokenizer, features, train_args, name):
 # ---------------------------------------------------------------------------------------------- main
 
 STAGE_INDEX = {"sft": 0, "sdpo": 1}
-# Flags a resumed run must share with its checkpoint: they change the batches, the model or the
-# optimisation. Not listed (free to change on resume): output and logging, evaluation, backend,
-# gradient checkpointing, save_steps.
-MUST_MATCH = {
-    "model": ("model_name_or_path", "tiny_layers", "tiny_hidden", "tiny_heads", "tiny_kv_heads", "tokenizer_vocab",
-              "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
-    "data": ("dataset", "data_path", "titles_path", "data_seed", "num_negatives", "negatives", "max_prompt_tokens",
-             "max_train_examples"),
-    "train": ("stage", "seed", "sft_epochs", "sdpo_epochs", "sft_learning_rate", "sdpo_learning_rate", "weight_decay",
-              "warmup_ratio", "max_grad_norm", "batch_size", "beta", "sft_weight", "reference", "max_steps"),
-}
-
-
-def run_signature(model_args, data_args, train_args, *, bf16, train_ds, base_weights) -> dict:
-    """What a checkpoint records and a resumed run must match: ``{"--flag": value, ...}`` plus the
-    world size, the precision and fingerprints of the tokenized training data and the starting weights."""
-    sig = {}
-    for group, args in (("model", model_args), ("data", data_args), ("train", train_args)):
-        for name in MUST_MATCH[group]:
-            sig[f"--{name}"] = getattr(args, name)
-    sig["world size"] = world_size()
-    sig["bf16"] = bool(bf16)
-    sig["tokenized training data"] = fingerprint.features(train_ds)
-    sig["starting model weights"] = base_weights
-    return sig
-
-
-def _resume_path(train_args) -> str | None:
-    path = train_args.resume_from_checkpoint
-    if path != "latest":
-        return path
-    found = checkpoint.latest(train_args.output_dir)
-    if found is None:
-        raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint in {train_args.output_dir}")
-    return found
-
-
 def _usable_eval_examples(examples):
     """Test examples with at least two candidates (ranking one candidate measures nothing); the
     others are left out, said once."""
@@ -421,7 +384,7 @@ def _main(argv=None) -> int:
     if rank() == 0:
         prepare_output_dir(out, resume=train_args.resume_from_checkpoint, overwrite=train_args.overwrite_output_dir)
     barrier()
-    resume_path = _resume_path(train_args)
+    resume_path = checkpoint.resolve(train_args.resume_from_checkpoint, out)
     resume_meta = checkpoint.read_manifest(resume_path)["meta"] if resume_path else None
     from .eval import format_table
 
@@ -446,8 +409,8 @@ def _main(argv=None) -> int:
         eval_ds = _tokenize(eval_examples, tokenizer, cache_dir, "tokenizing test", max_positions, **tok_kwargs)
         eval_features = [dict(eval_ds[i], candidates=list(eval_examples[i].candidates)) for i in range(len(eval_ds))]
 
-    signature = run_signature(model_args, data_args, train_args, bf16=bf16, train_ds=train_ds,
-                              base_weights=fingerprint.model_weights(model))
+    signature = checkpoint.run_signature(model_args, data_args, train_args, bf16=bf16, world_size=world_size(),
+                                         train_ds=train_ds, base_weights=fingerprint.model_weights(model))
     if resume_meta is not None:
         differ = checkpoint.resume_mismatches(resume_meta.get("run", {}), signature)
         if differ:
