@@ -3,12 +3,14 @@
 Three dataclasses parsed by ``transformers.HfArgumentParser``. ``--config FILE`` (YAML or JSON, flat
 keys of any of the three) sets defaults; flags given on the command line override it. Everything
 that can be checked before work starts is checked in ``validate`` (model-dependent checks such as
-LoRA target names happen right after the model is built, before data is touched).
+LoRA target names happen right after the model is built, before data is touched). Problems are
+``UserError``s, one line each; ``sdpo_fast.errors.cli`` prints them without a traceback.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from transformers import HfArgumentParser
 
 from . import backends
+from .errors import UserError
 from .kernels.options import OPS
 from .kernels.options import resolve as resolve_options
 
@@ -61,6 +64,11 @@ class TrainArguments:
     config: str | None = field(default=None, metadata={"help": "YAML/JSON file of defaults for any flag"})
     stage: str = field(default="all", metadata={"help": "sft | sdpo | dpo (sdpo with K=1) | all (sft then sdpo)"})
     output_dir: str = "outputs/default"
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "train into a non-empty --output_dir, deleting its previous run's outputs (caches are kept "
+                          "and checked against their fingerprints)"},
+    )
     seed: int = 0
     sft_epochs: float = 3.0
     sdpo_epochs: float = 2.0
@@ -86,7 +94,9 @@ class TrainArguments:
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
     bf16: bool | None = field(default=None, metadata={"help": "default: on for CUDA, off on CPU"})
     save_steps: int = field(default=0, metadata={"help": "checkpoint every N optimizer steps (0: end of stage only)"})
-    resume_from_checkpoint: str | None = None
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "a checkpoint-* folder, or 'latest' (the newest complete one in --output_dir)"}
+    )
     max_steps: int | None = field(default=None, metadata={"help": "stop each stage after this many steps"})
     eval: str = field(default="both", metadata={"help": "none | ranking | generation | both"})
     eval_untrained: bool = field(default=True, metadata={"help": "evaluate before training as a baseline"})
@@ -98,28 +108,36 @@ ALL_ARGS = (ModelArguments, DataArguments, TrainArguments)
 
 def _read_config_file(path: str) -> dict:
     if not os.path.isfile(path):
-        raise SystemExit(f"--config: no such file {path}")
+        raise UserError(f"--config: no such file {path}")
     with open(path) as f:
         text = f.read()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
 
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError: a malformed file
+        raise UserError(f"--config {path}: not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'} ({exc})")
     if not isinstance(data, dict):
-        raise SystemExit(f"--config {path}: expected a mapping of flag names to values")
+        raise UserError(f"--config {path}: expected a mapping of flag names to values")
     known = {f.name for cls in ALL_ARGS for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise SystemExit(f"--config {path}: unknown keys {unknown}")
+        raise UserError(f"--config {path}: unknown keys {unknown}")
     return data
+
+
+class _Parser(HfArgumentParser):
+    def error(self, message):  # argparse prints the usage and exits; a user error is one line
+        raise UserError(f"{message} (see --help)")
 
 
 def parse_args(argv=None):
     """``(ModelArguments, DataArguments, TrainArguments)`` from ``--config`` and the command line."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(ALL_ARGS)
+    parser = _Parser(ALL_ARGS)
     defaults = {}
     for i, a in enumerate(argv):
         if a == "--config" and i + 1 < len(argv):
@@ -127,7 +145,9 @@ def parse_args(argv=None):
         elif a.startswith("--config="):
             defaults = _read_config_file(a.split("=", 1)[1])
     parser.set_defaults(**defaults)
-    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, train_args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if rest:
+        raise UserError(f"unrecognized arguments: {' '.join(rest)} (see --help)")
     validate(model_args, data_args, train_args)
     return model_args, data_args, train_args
 
@@ -162,9 +182,59 @@ def _check_backend_options(train_args: TrainArguments) -> list[str]:
     return problems
 
 
-def validate(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> None:
-    """Errors that need no model or data, raised before any work (``SystemExit`` with a message)."""
+def _number_checks(model_args, data_args, train_args) -> list[str]:
+    """Numeric flags outside the range where they mean something (NaN and inf included)."""
     problems = []
+
+    def check(name, value, ok, allowed, optional=False):
+        if value is None and optional:
+            return
+        finite = isinstance(value, (int, float)) and math.isfinite(value)
+        if not finite or not ok(value):
+            problems.append(f"--{name} must be {allowed}, got {value!r}")
+
+    positive = (lambda v: v > 0, "> 0")
+    at_least_1 = (lambda v: v >= 1, ">= 1")
+    at_least_0 = (lambda v: v >= 0, ">= 0")
+    for name, value, (ok, allowed), optional in (
+        ("beta", train_args.beta, positive, False),
+        ("sft_epochs", train_args.sft_epochs, positive, False),
+        ("sdpo_epochs", train_args.sdpo_epochs, positive, False),
+        ("sft_learning_rate", train_args.sft_learning_rate, positive, False),
+        ("sdpo_learning_rate", train_args.sdpo_learning_rate, positive, False),
+        ("max_grad_norm", train_args.max_grad_norm, positive, False),
+        ("weight_decay", train_args.weight_decay, at_least_0, False),
+        ("sft_weight", train_args.sft_weight, at_least_0, False),
+        ("warmup_ratio", train_args.warmup_ratio, (lambda v: 0 <= v <= 1, "in [0, 1]"), False),
+        ("batch_size", train_args.batch_size, at_least_1, False),
+        ("max_steps", train_args.max_steps, at_least_1, True),
+        ("save_steps", train_args.save_steps, (lambda v: v >= 0, ">= 0 (0: a checkpoint at the end of each stage only)"), False),
+        ("log_every", train_args.log_every, at_least_1, False),
+        ("max_prompt_tokens", data_args.max_prompt_tokens, at_least_1, False),
+        ("max_train_examples", data_args.max_train_examples, at_least_1, True),
+        ("max_eval_examples", data_args.max_eval_examples, at_least_1, True),
+        ("tiny_layers", model_args.tiny_layers, at_least_1, False),
+        ("tiny_hidden", model_args.tiny_hidden, at_least_1, False),
+        ("tiny_heads", model_args.tiny_heads, at_least_1, False),
+        ("tiny_kv_heads", model_args.tiny_kv_heads, at_least_1, False),
+        ("tokenizer_vocab", model_args.tokenizer_vocab, (lambda v: v >= 300, ">= 300 (256 bytes + specials + merges)"), False),
+        ("lora_r", model_args.lora_r, at_least_1, False),
+        ("lora_alpha", model_args.lora_alpha, positive, False),
+        ("lora_dropout", model_args.lora_dropout, (lambda v: 0 <= v < 1, "in [0, 1)"), False),
+    ):
+        check(name, value, ok, allowed, optional)
+    if model_args.model_name_or_path is None and model_args.tiny_heads >= 1 and model_args.tiny_kv_heads >= 1:
+        if model_args.tiny_hidden % model_args.tiny_heads:
+            problems.append(f"--tiny_hidden {model_args.tiny_hidden} must be a multiple of --tiny_heads {model_args.tiny_heads}")
+        if model_args.tiny_heads % model_args.tiny_kv_heads:
+            problems.append(f"--tiny_heads {model_args.tiny_heads} must be a multiple of --tiny_kv_heads {model_args.tiny_kv_heads}")
+    return problems
+
+
+def validate(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> None:
+    """Errors that need no model or data, raised before any work: one ``UserError`` listing every
+    problem found, one per line."""
+    problems = _number_checks(model_args, data_args, train_args)
     if train_args.stage not in ("sft", "sdpo", "dpo", "all"):
         problems.append(f"--stage must be sft, sdpo, dpo or all, got {train_args.stage!r}")
     if train_args.stage == "dpo":
@@ -185,15 +255,14 @@ def validate(model_args: ModelArguments, data_args: DataArguments, train_args: T
     problems += _check_backend_options(train_args)
     if train_args.eval not in ("none", "ranking", "generation", "both"):
         problems.append(f"--eval must be none, ranking, generation or both, got {train_args.eval!r}")
-    if train_args.batch_size < 1:
-        problems.append("--batch_size must be >= 1")
     if train_args.deepspeed is not None and not os.path.isfile(train_args.deepspeed):
         problems.append(f"--deepspeed: no such file {train_args.deepspeed}")
     if data_args.dataset != "synthetic":
         path = data_args.data_path or (data_args.dataset if os.path.exists(data_args.dataset) else None)
         if path is None or not os.path.exists(path):
             problems.append(f"--dataset {data_args.dataset}: data not found (give --data_path; got {data_args.data_path})")
-    if train_args.resume_from_checkpoint is not None and not os.path.isdir(train_args.resume_from_checkpoint):
-        problems.append(f"--resume_from_checkpoint: no such folder {train_args.resume_from_checkpoint}")
+    resume = train_args.resume_from_checkpoint
+    if resume is not None and resume != "latest" and not os.path.isdir(resume):
+        problems.append(f"--resume_from_checkpoint: no such folder {resume} (give a checkpoint-* folder or 'latest')")
     if problems:
-        raise SystemExit("configuration error:\n  " + "\n  ".join(problems))
+        raise UserError("\n".join(problems))

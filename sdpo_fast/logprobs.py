@@ -27,6 +27,8 @@ def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, batch: PackedBatch)
         raise ValueError(f"hidden must be [T={R * L}, D] or [{R}, {L}, D], got {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"weight must be [V, D={hidden.shape[1]}], got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:  # every backend refuses a mix (torch's matmul would raise RuntimeError)
+        raise ValueError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}; give both in one dtype")
     if hidden.device != weight.device or batch.device != hidden.device:
         raise ValueError(
             f"hidden ({hidden.device}), weight ({weight.device}) and batch ({batch.device}) must share a device"

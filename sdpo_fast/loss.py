@@ -35,6 +35,8 @@ def _check(chosen, rejected, ref_chosen, ref_rejected, rejected_mask):
     if chosen.dim() != 1:
         raise ValueError(f"chosen_logps must be [G], got shape {tuple(chosen.shape)}")
     G = chosen.shape[0]
+    if G == 0:
+        raise ValueError("empty batch: chosen_logps has no groups (need G >= 1)")
     if rejected.dim() != 2 or rejected.shape[0] != G:
         raise ValueError(f"rejected_logps must be [G, K] with G={G}, got shape {tuple(rejected.shape)}")
     if ref_chosen.shape != chosen.shape:
@@ -110,8 +112,10 @@ def sdpo_metrics(
     Returns a dict of fp32 tensors:
         chosen_rewards    ``[G]``     beta * (logp - ref_logp) of the chosen candidate
         rejected_rewards  ``[G, K]``  the same for negatives (NaN where masked)
-        reward_margins    ``[G]``     chosen reward minus the best negative's reward
-        accuracy          ``[G]``     1.0 where the chosen reward beats every real negative
+        reward_margins    ``[G]``     chosen reward minus the best negative's reward (NaN for a
+                                      group without real negatives)
+        accuracy          ``[G]``     1.0 where the chosen reward beats every real negative, NaN
+                                      for a group without real negatives (average with nanmean)
         weights           ``[G, K]``  s_j = exp(z_j) / (1 + sum_k exp z_k), 0 where masked; the
                                       gradient on negative j is beta * s_j
     """
@@ -124,11 +128,12 @@ def sdpo_metrics(
     valid = torch.ones_like(rejected_rewards, dtype=torch.bool) if rejected_mask is None else rejected_mask
     masked = rejected_rewards.masked_fill(~valid, float("-inf"))
     best_negative = masked.amax(dim=1) if masked.shape[1] else masked.new_full(masked.shape[:1], float("-inf"))
+    none = ~valid.any(dim=1)  # nothing to beat: neither a perfect accuracy nor an infinite margin
     return {
         "chosen_rewards": chosen_rewards,
         "rejected_rewards": rejected_rewards.masked_fill(~valid, float("nan")),
-        "reward_margins": chosen_rewards - best_negative,
-        "accuracy": (chosen_rewards > best_negative).float(),
+        "reward_margins": (chosen_rewards - best_negative).masked_fill(none, float("nan")),
+        "accuracy": (chosen_rewards > best_negative).float().masked_fill(none, float("nan")),
         "weights": weights,
     }
 

@@ -116,9 +116,13 @@ def candidate_logprobs(model, batch: PackedBatch, backend: str = "auto", options
 
     Returns:
         ``[G, C]`` float32, 0 where ``batch.candidate_mask`` is False; differentiable when grad is on.
+
+    Raises ``ValueError`` when a token id lies outside the model's vocabulary (checked here too, as
+    ``pack_groups`` checks only when given ``vocab_size``; one host sync per call).
     """
     lm = unwrap_causal_lm(model)
     output_weight(lm)
+    _check_vocabulary(lm, batch)
 
     def run():
         hidden = _final_hidden(lm, batch, backend)
@@ -126,6 +130,16 @@ def candidate_logprobs(model, batch: PackedBatch, backend: str = "auto", options
                                  hidden)
 
     return _run(model, lm, run)
+
+
+def _check_vocabulary(lm, batch: PackedBatch) -> None:
+    vocab = lm.get_input_embeddings().num_embeddings
+    ids = batch.input_ids
+    bad = (ids < 0) | (ids >= vocab)
+    if ids.numel() and bool(bad.any()):
+        first = int(ids[bad][0])
+        raise ValueError(f"token id {first} is outside the model's vocabulary [0, {vocab}) (pack_groups(..., "
+                         "vocab_size=...) reports the group)")
 
 
 def candidate_sdpo_loss(

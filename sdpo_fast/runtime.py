@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import checkpoint
+from .errors import UserError
 from .model import unwrap_causal_lm
 
 
@@ -102,6 +104,10 @@ class Schedule:
         return self.peak * max(0.0, (self.total - step) / max(1, self.total - warmup))
 
 
+class NonFiniteError(ArithmeticError):
+    """A non-finite loss or gradient norm; the step was not applied."""
+
+
 class Runtime:
     """Model + optimizer, plain PyTorch or DeepSpeed.
 
@@ -145,7 +151,12 @@ class Runtime:
         self.model.train(mode)
 
     def backward_and_step(self, loss: torch.Tensor, lr: float) -> float:
-        """Backward, clip, optimizer step at learning rate ``lr``; returns the gradient norm."""
+        """Backward, clip, optimizer step at learning rate ``lr``; returns the gradient norm.
+
+        In one process a non-finite gradient norm skips the optimizer step (the weights stay those of
+        the last good step) and raises ``NonFiniteError``; the DeepSpeed engine steps first, so the
+        caller checks the returned norm there.
+        """
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.engine is not None:
@@ -155,10 +166,13 @@ class Runtime:
             return float(norm) if norm is not None else float("nan")
         loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        if not np.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(f"gradient norm {norm}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def reset_optimizer_state(self) -> None:
         """Fresh Adam moments for a new stage (as if S-DPO were a new run from the SFT weights)."""
@@ -167,33 +181,76 @@ class Runtime:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save_checkpoint(self, path: str, client_state: dict) -> None:
-        """Model, optimizer, RNG and ``client_state`` (data position, stage, step) under ``path``."""
+    def save_checkpoint(self, path: str, client_state: dict, meta: dict) -> None:
+        """Model, optimizer, RNG and ``client_state`` (data position, stage, step, ...) under ``path``,
+        written atomically (``sdpo_fast.checkpoint``); ``meta`` goes into the manifest. A failed write
+        (a full disk) leaves no folder at ``path`` and raises ``UserError``."""
         client_state = dict(client_state, rng=rng_state())
-        if self.engine is not None:
-            self.engine.save_checkpoint(path, tag="state", client_state=client_state)
-        elif rank() == 0:
-            os.makedirs(path, exist_ok=True)
-            trainable = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-            torch.save(
-                {"trainable": trainable, "optimizer": self.optimizer.state_dict(), "client_state": client_state},
-                os.path.join(path, "state.pt"),
-            )
+        if self.engine is None:
+            if rank() == 0:
+                checkpoint.write_folder(path, lambda tmp: self._save_state(tmp, client_state), meta)
+            barrier()
+            return
+        tmp = checkpoint.start_folder(path) if rank() == 0 else None
+        barrier()
+        tmp = all_gather_objects([tmp])[0]
+        try:
+            self.engine.save_checkpoint(tmp, tag="state", client_state=client_state)
+            barrier()
+            if rank() == 0:
+                checkpoint.finish_folder(tmp, path, meta)
+        except (OSError, RuntimeError) as exc:
+            if rank() == 0:
+                checkpoint.abandon_folder(tmp)
+            raise checkpoint.save_error(path, exc) from exc
         barrier()
 
-    def load_checkpoint(self, path: str) -> dict:
+    def _save_state(self, folder: str, client_state: dict) -> None:
+        trainable = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        state = {"trainable": trainable, "optimizer": self.optimizer.state_dict(), "client_state": client_state}
+        with open(os.path.join(folder, "state.pt"), "wb") as f:
+            torch.save(state, f)
+
+    def load_checkpoint(self, path: str) -> tuple[dict, dict]:
+        """``(client_state, meta)`` of the complete checkpoint at ``path``, after loading the model,
+        optimizer and RNG state from it; ``UserError`` naming the file when it is partial or corrupt
+        or was written for another model."""
+        meta = checkpoint.read_manifest(path)["meta"]
         if self.engine is not None:
-            _, client_state = self.engine.load_checkpoint(path, tag="state")
+            try:
+                _, client_state = self.engine.load_checkpoint(path, tag="state")
+            except Exception as exc:  # noqa: BLE001  (shape mismatches, damaged shards)
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise UserError(f"checkpoint {path} cannot be loaded into this model ({type(exc).__name__}: {first})")
+            if client_state is None:
+                raise UserError(f"checkpoint {path} holds no training state (DeepSpeed found no 'state' tag)")
         else:
-            state = torch.load(os.path.join(path, "state.pt"), map_location=self.device, weights_only=False)
-            named = dict(self.model.named_parameters())
+            file = os.path.join(path, "state.pt")
+            state = checkpoint.load_file(file, map_location=self.device, weights_only=False)
+            if not isinstance(state, dict) or not {"trainable", "optimizer", "client_state"} <= set(state):
+                raise UserError(f"checkpoint file {file} is not a training state saved by sdpo_fast")
+            named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+            extra = sorted(set(state["trainable"]) - set(named))
+            missing = sorted(set(named) - set(state["trainable"]))
+            if extra or missing:
+                name = (extra or missing)[0]
+                raise UserError(
+                    f"checkpoint file {file} was saved from another model: parameter {name} is "
+                    f"{'in the checkpoint but not this model' if extra else 'trained here but not in the checkpoint'}"
+                )
+            for n, t in state["trainable"].items():
+                if tuple(t.shape) != tuple(named[n].shape):
+                    raise UserError(
+                        f"checkpoint file {file} was saved from another model size: {n} has shape {tuple(t.shape)} "
+                        f"there, {tuple(named[n].shape)} in this model"
+                    )
             with torch.no_grad():
                 for n, t in state["trainable"].items():
                     named[n].copy_(t)
             self.optimizer.load_state_dict(state["optimizer"])
             client_state = state["client_state"]
         set_rng_state(client_state.pop("rng"))
-        return client_state
+        return client_state, meta
 
     # ------------------------------------------------------------------ export
 

@@ -7,13 +7,22 @@ SFT weights with the SFT model as reference). Both stages run through the same s
 
 Reference log-probs (``--reference``): ``precompute`` (default) scores all of every training user's
 candidates with the reference model (the model at the start of S-DPO) in one shared-prefix pass
-before training, cached in ``<output_dir>/reference_logps.pt``, so any negatives drawn later have
-their reference value; ``live`` (LoRA, ``--stage sdpo/dpo``) runs the policy with adapters disabled.
+before training, cached in ``<output_dir>/reference_logps.pt`` with a fingerprint of the reference
+weights and the tokenized training data (a mismatch recomputes it and says so), so any negatives
+drawn later have their reference value; ``live`` (LoRA, ``--stage sdpo/dpo``) runs the policy with
+adapters disabled.
 
 Data order: each epoch is a seeded permutation of the training examples cut into global batches of
 ``batch_size * world_size`` groups; rank r takes the r-th slice. Every rank runs the same number of
 steps and every batch has the same K, so ZeRO-3's collectives stay in step. A checkpoint stores the
 stage and step, so resuming continues with exactly the batches that would have come next.
+
+Safety (``sdpo_fast.checkpoint``, ``outputs``, ``stopping``, ``errors``): checkpoints are written
+atomically and record the settings a resumed run must share (refused otherwise, naming the flag);
+a non-empty ``--output_dir`` needs ``--overwrite_output_dir`` or ``--resume_from_checkpoint``;
+SIGINT/SIGTERM finish the step, write a checkpoint and exit with 128 + the signal number; a
+non-finite loss or gradient norm stops the run before the step is applied; user errors are one line
+of stderr with exit status 2.
 """
 
 from __future__ import annotations
@@ -28,11 +37,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import checkpoint, fingerprint
 from .config import parse_args
-from .model import candidate_logprobs, candidate_sdpo_loss
+from .errors import UserError, cli
+from .model import candidate_logprobs, candidate_sdpo_loss, unwrap_causal_lm
+from .outputs import MetricsLog, prepare_output_dir, write_json_atomic
 from .runtime import (
-    Runtime, Schedule, all_gather_objects, all_gather_rows, all_mean, barrier, rank, seed_everything, world_size,
+    NonFiniteError, Runtime, Schedule, all_gather_objects, all_gather_rows, all_mean, barrier, rank, seed_everything,
+    world_size,
 )
+from .stopping import GracefulStop, Stopped
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -44,7 +58,7 @@ def _init_distributed(train_args) -> torch.device:
 
         deepspeed.init_distributed()
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SystemExit("several processes need --deepspeed configs/zero3.json (or zero2.json)")
+        raise UserError("several processes need --deepspeed configs/zero3.json (or zero2.json)")
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", max(train_args.local_rank, 0)))
         torch.cuda.set_device(local)
@@ -76,8 +90,8 @@ def build_model(model_args, splits, output_dir, bf16):
         from .data import build_tokenizer
 
         tok_dir = os.path.join(output_dir, "tokenizer")
-        if rank() == 0 and not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
-            build_tokenizer(splits, vocab_size=model_args.tokenizer_vocab, save_dir=tok_dir)
+        if rank() == 0:
+            _cached_tokenizer(tok_dir, splits, model_args.tokenizer_vocab, build_tokenizer)
         barrier()
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         config = LlamaConfig(
@@ -101,7 +115,7 @@ def build_model(model_args, splits, output_dir, bf16):
         present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         missing = [t for t in targets if t not in present]
         if missing:
-            raise SystemExit(
+            raise UserError(
                 f"--lora_targets {missing} not found in {type(model).__name__}; its linear modules include "
                 f"{sorted(n for n in present if 'proj' in n or 'dense' in n or 'fc' in n)}"
             )
@@ -118,30 +132,26 @@ def build_model(model_args, splits, output_dir, bf16):
     return tokenizer, model
 
 
-class MetricsLog:
-    """JSONL metrics on rank 0 (and TensorBoard when installed)."""
+TOKENIZER_FINGERPRINT = "sdpo_fast_fingerprint.json"
 
-    def __init__(self, output_dir: str):
-        self.active = rank() == 0
-        self.path = os.path.join(output_dir, "metrics.jsonl")
-        self.tb = None
-        if self.active:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
-            except Exception:  # tensorboard not installed
-                self.tb = None
-
-    def write(self, record: dict, step: int | None = None):
-        if not self.active:
+def _cached_tokenizer(tok_dir, splits, vocab_size, build_tokenizer) -> None:
+    """The tiny model's tokenizer in ``tok_dir``, trained again when the data or vocabulary size it
+    was trained for differ from this run's (said in one line)."""
+    key = {"data": fingerprint.examples(ex for _, split in splits.items() for ex in split), "vocab_size": vocab_size}
+    marker = os.path.join(tok_dir, TOKENIZER_FINGERPRINT)
+    if os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
+        try:
+            with open(marker) as f:
+                stored = json.load(f)
+        except (OSError, ValueError):
+            stored = {}
+        differ = fingerprint.mismatch(stored, key)
+        if not differ:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None and step is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    self.tb.add_scalar(f"{record.get('stage', 'train')}/{k}", v, step)
+        print(f"tokenizer cache {tok_dir} was trained for another {' and '.join(differ)}: training it again", flush=True)
+    build_tokenizer(splits, vocab_size=vocab_size, save_dir=tok_dir)
+    write_json_atomic(marker, key)
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -153,14 +163,25 @@ def epoch_order(n: int, seed: int, stage: str, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, salt, epoch]).permutation(n)
 
 
-def reference_logps(runtime, tokenizer, features, train_args, cache_path):
-    """``[N, C]`` reference log-probs of every candidate of every training example (one pass, cached)."""
+def reference_logps(runtime, tokenizer, features, train_args, cache_path, key: dict):
+    """``[N, C]`` reference log-probs of every candidate of every training example (one pass).
+
+    Cached in ``cache_path`` with ``key`` (fingerprints of the reference weights, the tokenized
+    data and the dtype); a cache with another key is recomputed, saying which part differs.
+    """
     from .eval import score_candidates
 
     if os.path.isfile(cache_path):
-        cached = torch.load(cache_path, weights_only=True)
-        if cached["n"] == len(features):
+        try:
+            cached = torch.load(cache_path, weights_only=True)
+            differ = fingerprint.mismatch(cached.get("key", {}), key)
+        except Exception as exc:  # noqa: BLE001  (a damaged cache file is recomputed)
+            cached, differ = None, [f"(unreadable: {type(exc).__name__})"]
+        if not differ:
             return cached["logps"]
+        if rank() == 0:
+            print(f"reference log-probs cache {cache_path} was computed for another {' and '.join(differ)}: "
+                  "recomputing", flush=True)
     n = len(features)
     scores = score_candidates(
         runtime.model,
@@ -173,13 +194,23 @@ def reference_logps(runtime, tokenizer, features, train_args, cache_path):
     )
     logps = all_gather_rows(scores.to(runtime.device), n).cpu()
     if rank() == 0:
-        torch.save({"n": n, "logps": logps}, cache_path)
+        import io
+
+        buf = io.BytesIO()
+        torch.save({"key": key, "n": n, "logps": logps}, buf)
+        checkpoint.write_bytes_atomic(cache_path, buf.getvalue())
     barrier()
     return logps
 
 
-def run_stage(stage, runtime, tokenizer, train_ds, data_args, train_args, log, start_step=0, on_save=None):
-    """Train one stage; returns the number of steps it ran in total."""
+def run_stage(stage, runtime, tokenizer, train_ds, data_args, train_args, log, start_step=0, on_save=None,
+              ref_all=None, stop=None):
+    """Train one stage; returns the number of steps it ran in total.
+
+    ``ref_all``: ``[N, C]`` precomputed reference log-probs (S-DPO with ``--reference precompute``).
+    ``stop``: a ``GracefulStop``; when it reports a signal after a step, that step's checkpoint is
+    written (``on_save``) and ``Stopped`` raised.
+    """
     from .data import SDPOCollator
 
     sdpo = stage == "sdpo"
@@ -199,7 +230,7 @@ def run_stage(stage, runtime, tokenizer, train_ds, data_args, train_args, log, s
     n = len(train_ds)
     per_epoch = n // (B * W)
     if per_epoch == 0:
-        raise SystemExit(f"{n} training examples cannot fill one global batch of {B * W} groups")
+        raise UserError(f"{n} training examples cannot fill one global batch of {B * W} groups")
     epochs = train_args.sdpo_epochs if sdpo else train_args.sft_epochs
     total = max(1, math.ceil(epochs * per_epoch))
     if train_args.max_steps is not None:
@@ -207,60 +238,72 @@ def run_stage(stage, runtime, tokenizer, train_ds, data_args, train_args, log, s
     lr = train_args.sdpo_learning_rate if sdpo else train_args.sft_learning_rate
     schedule = Schedule(lr, total, train_args.warmup_ratio)
 
-    ref_all = None
-    if sdpo and train_args.reference == "precompute":
-        ref_all = reference_logps(
-            runtime, tokenizer, train_ds, train_args, os.path.join(train_args.output_dir, "reference_logps.pt")
-        )
+    if sdpo and train_args.reference == "precompute" and ref_all is None:
+        raise ValueError("run_stage: S-DPO with a precomputed reference needs ref_all")
     runtime.train()
     bar = tqdm(total=total, initial=start_step, desc=stage, disable=r != 0, dynamic_ncols=True)
-    for step in range(start_step, total):
-        t0 = time.perf_counter()
-        epoch, pos = divmod(step, per_epoch)
-        order = epoch_order(n, train_args.seed, stage, epoch)
-        idx = order[(pos * W + r) * B : (pos * W + r + 1) * B].tolist()
-        collator.set_epoch(epoch)
-        batch = collator([train_ds[i] for i in idx]).to(runtime.device)
-        packed = batch.packed
-        if not sdpo:
-            ref = torch.zeros(packed.candidate_mask.shape, device=runtime.device)
-            beta, sft_weight = 1.0, 1.0
-        elif ref_all is not None:
-            cols = batch.candidate_index.clamp(min=0).cpu()
-            ref = ref_all[batch.idx.cpu()].gather(1, cols).masked_fill(~packed.candidate_mask.cpu(), 0.0)
-            ref = ref.to(runtime.device)
-            beta, sft_weight = train_args.beta, train_args.sft_weight
-        else:
-            with torch.no_grad(), runtime.module.disable_adapter():
-                ref = candidate_logprobs(runtime.model, packed, backend=train_args.backend,
-                                         options=(train_args.backend_options or {}).get("logprobs"))
-            beta, sft_weight = train_args.beta, train_args.sft_weight
-        loss, metrics = candidate_sdpo_loss(
-            runtime.model, packed, ref, beta=beta, sft_weight=sft_weight, backend=train_args.backend,
-            options=(train_args.backend_options or {}).get("sdpo_loss"),
-        )
-        lr_now = schedule(step)
-        grad_norm = runtime.backward_and_step(loss, lr_now)
-        values = {"loss": loss.item()}
-        if sdpo:
-            values["reward_accuracy"] = metrics["accuracy"].mean().item()
-            values["reward_margin"] = metrics["reward_margins"].mean().item()
-        values["chosen_logp"] = metrics["logps"][:, 0].mean().item()
-        values = all_mean(values)
-        dt = time.perf_counter() - t0
-        tokens_per_s = packed.num_tokens * W / dt
-        record = {"stage": stage, "step": step + 1, "epoch": epoch, "lr": lr_now, "grad_norm": grad_norm,
-                  "tokens_per_s": tokens_per_s, **values}
-        if (step + 1) % train_args.log_every == 0 or step + 1 == total:
-            log.write(record, step=step + 1)
-        shown = {"loss": f"{values['loss']:.4f}", "tok/s": f"{tokens_per_s:,.0f}"}
-        if sdpo:
-            shown["acc"] = f"{values['reward_accuracy']:.2f}"
-        bar.set_postfix(shown)
-        bar.update(1)
-        if on_save is not None and train_args.save_steps and (step + 1) % train_args.save_steps == 0 and step + 1 < total:
-            on_save(stage, step + 1)
-    bar.close()
+    try:
+        for step in range(start_step, total):
+            t0 = time.perf_counter()
+            epoch, pos = divmod(step, per_epoch)
+            order = epoch_order(n, train_args.seed, stage, epoch)
+            idx = order[(pos * W + r) * B : (pos * W + r + 1) * B].tolist()
+            collator.set_epoch(epoch)
+            batch = collator([train_ds[i] for i in idx]).to(runtime.device)
+            packed = batch.packed
+            if not sdpo:
+                ref = torch.zeros(packed.candidate_mask.shape, device=runtime.device)
+                beta, sft_weight = 1.0, 1.0
+            elif ref_all is not None:
+                cols = batch.candidate_index.clamp(min=0).cpu()
+                ref = ref_all[batch.idx.cpu()].gather(1, cols).masked_fill(~packed.candidate_mask.cpu(), 0.0)
+                ref = ref.to(runtime.device)
+                beta, sft_weight = train_args.beta, train_args.sft_weight
+            else:
+                with torch.no_grad(), runtime.module.disable_adapter():
+                    ref = candidate_logprobs(runtime.model, packed, backend=train_args.backend,
+                                             options=(train_args.backend_options or {}).get("logprobs"))
+                beta, sft_weight = train_args.beta, train_args.sft_weight
+            loss, metrics = candidate_sdpo_loss(
+                runtime.model, packed, ref, beta=beta, sft_weight=sft_weight, backend=train_args.backend,
+                options=(train_args.backend_options or {}).get("sdpo_loss"),
+            )
+            lr_now = schedule(step)
+            loss_value = loss.item()
+            where = f"{stage} step {step + 1}"
+            if all_mean({"bad": float(not math.isfinite(loss_value))})["bad"] > 0:  # every rank stops together
+                raise NonFiniteError(f"the loss is {loss_value if not math.isfinite(loss_value) else 'non-finite on another rank'} at {where}")
+            try:
+                grad_norm = runtime.backward_and_step(loss, lr_now)
+            except NonFiniteError as exc:
+                raise NonFiniteError(f"the {exc} at {where}") from None
+            if not math.isfinite(grad_norm):  # the DeepSpeed engine has stepped already
+                raise NonFiniteError(f"the gradient norm is {grad_norm} at {where}")
+            values = {"loss": loss_value}
+            if sdpo:
+                values["reward_accuracy"] = metrics["accuracy"].nanmean().item()
+                values["reward_margin"] = metrics["reward_margins"].nanmean().item()
+            values["chosen_logp"] = metrics["logps"][:, 0].mean().item()
+            values = all_mean(values)
+            dt = time.perf_counter() - t0
+            tokens_per_s = packed.num_tokens * W / dt
+            record = {"stage": stage, "step": step + 1, "epoch": epoch, "lr": lr_now, "grad_norm": grad_norm,
+                      "tokens_per_s": tokens_per_s, **values}
+            if (step + 1) % train_args.log_every == 0 or step + 1 == total:
+                log.write(record, step=step + 1)
+            shown = {"loss": f"{values['loss']:.4f}", "tok/s": f"{tokens_per_s:,.0f}"}
+            if sdpo:
+                shown["acc"] = f"{values['reward_accuracy']:.2f}"
+            bar.set_postfix(shown)
+            bar.update(1)
+            signum = stop.requested() if stop is not None else None
+            periodic = train_args.save_steps and (step + 1) % train_args.save_steps == 0 and step + 1 < total
+            if on_save is not None and (periodic or signum):
+                path = on_save(stage, step + 1)
+                if signum:
+                    raise Stopped(signum, path, where)
+    finally:
+        bar.close()  # an error line then starts on a line of its own
     return total
 
 
@@ -300,25 +343,50 @@ def evaluate(runtime, tokenizer, features, train_args, name):
 
 # ---------------------------------------------------------------------------------------------- main
 
+STAGE_INDEX = {"sft": 0, "sdpo": 1}
+def _usable_eval_examples(examples):
+    """Test examples with at least two candidates (ranking one candidate measures nothing); the
+    others are left out, said once."""
+    kept = [ex for ex in examples if len(ex.candidates) >= 2]
+    if len(kept) < len(examples) and rank() == 0:
+        print(f"evaluation leaves out {len(examples) - len(kept)} test example(s) with fewer than 2 candidates",
+              flush=True)
+    if not kept:
+        raise UserError("no test example has 2 or more candidates: nothing to evaluate (or give --eval none)")
+    return kept
+
+
+def _tokenize(examples, tokenizer, cache_dir, desc, max_positions, **kwargs):
+    from .data import tokenize_dataset
+
+    try:
+        return tokenize_dataset(examples, tokenizer, cache_dir=cache_dir, desc=desc, max_positions=max_positions, **kwargs)
+    except ValueError as exc:  # a data problem named by example (too long for the model, untokenizable)
+        raise UserError(f"{desc}: {exc}") from None
+
 
 def main(argv=None) -> int:
+    """``train.py``: user errors are one line of stderr with exit status 2 (``sdpo_fast.errors.cli``)."""
+    return cli(_main, argv)
+
+
+def _main(argv=None) -> int:
     model_args, data_args, train_args = parse_args(argv)
     device = _init_distributed(train_args)
     bf16 = train_args.bf16 if train_args.bf16 is not None else device.type == "cuda"
     seed_everything(train_args.seed)
     out = train_args.output_dir
     if rank() == 0:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "args.json"), "w") as f:
-            json.dump({"model": vars(model_args), "data": vars(data_args), "train": vars(train_args)}, f, indent=2)
+        prepare_output_dir(out, resume=train_args.resume_from_checkpoint, overwrite=train_args.overwrite_output_dir)
     barrier()
-    from .data import tokenize_dataset
-    from .eval import format_table, save_results
+    resume_path = checkpoint.resolve(train_args.resume_from_checkpoint, out)
+    resume_meta = checkpoint.read_manifest(resume_path)["meta"] if resume_path else None
+    from .eval import format_table
 
     splits = load_data(data_args)
     fewest = min(len(ex.candidates) for ex in splits.train) - 1
     if train_args.stage != "sft" and data_args.num_negatives > fewest:
-        raise SystemExit(
+        raise UserError(
             f"--num_negatives {data_args.num_negatives} is above the {fewest} non-target candidates some "
             "training users have"
         )
@@ -326,52 +394,129 @@ def main(argv=None) -> int:
     cache_dir = data_args.cache_dir or os.path.join(out, "cache")
     train_examples = splits.train[: data_args.max_train_examples] if data_args.max_train_examples else splits.train
     eval_examples = splits.test[: data_args.max_eval_examples] if data_args.max_eval_examples else splits.test
+    if train_args.eval != "none":
+        eval_examples = _usable_eval_examples(eval_examples)
+    max_positions = getattr(unwrap_causal_lm(model).config, "max_position_embeddings", None)
     tok_kwargs = dict(max_prompt_tokens=data_args.max_prompt_tokens, seed=data_args.data_seed)
-    train_ds = tokenize_dataset(train_examples, tokenizer, cache_dir=cache_dir, desc="tokenizing train", **tok_kwargs)
-    eval_ds = tokenize_dataset(eval_examples, tokenizer, cache_dir=cache_dir, desc="tokenizing test", **tok_kwargs)
-    eval_features = [dict(eval_ds[i], candidates=list(eval_examples[i].candidates)) for i in range(len(eval_ds))]
+    train_ds = _tokenize(train_examples, tokenizer, cache_dir, "tokenizing train", max_positions, **tok_kwargs)
+    eval_features = []
+    if train_args.eval != "none":
+        eval_ds = _tokenize(eval_examples, tokenizer, cache_dir, "tokenizing test", max_positions, **tok_kwargs)
+        eval_features = [dict(eval_ds[i], candidates=list(eval_examples[i].candidates)) for i in range(len(eval_ds))]
+
+    signature = checkpoint.run_signature(model_args, data_args, train_args, bf16=bf16, world_size=world_size(),
+                                         train_ds=train_ds, base_weights=fingerprint.model_weights(model))
+    if resume_meta is not None:
+        differ = checkpoint.resume_mismatches(resume_meta.get("run", {}), signature)
+        if differ:
+            raise UserError(f"--resume_from_checkpoint {resume_path} was written by a run with other settings: "
+                            + "; ".join(differ) + " (resume with the same flags, or start a new run)")
 
     runtime = Runtime(model, deepspeed_config=train_args.deepspeed, batch_size=train_args.batch_size,
                       max_grad_norm=train_args.max_grad_norm, weight_decay=train_args.weight_decay, bf16=bf16,
                       device=device)
-    log = MetricsLog(out)
     stages = {"sft": ["sft"], "sdpo": ["sdpo"], "dpo": ["sdpo"], "all": ["sft", "sdpo"]}[train_args.stage]
-    results, done, resume_step, resume_stage = {}, [], 0, None
-    if train_args.resume_from_checkpoint is not None:
-        state = runtime.load_checkpoint(train_args.resume_from_checkpoint)
+    results, done, resume_step, resume_stage, rows, ref_state = {}, [], 0, None, [], {}
+    if resume_path is not None:
+        state, _ = runtime.load_checkpoint(resume_path)
         results, done = state["results"], state["done"]
         resume_stage, resume_step = state["stage"], state["step"]
+        rows, ref_state = state.get("metrics", []), state.get("reference", {})
         if rank() == 0:
-            print(f"resumed {resume_stage} at step {resume_step} from {train_args.resume_from_checkpoint}")
+            print(f"resumed {resume_stage} at step {resume_step} from {resume_path}")
+    if rank() == 0:
+        write_json_atomic(os.path.join(out, "args.json"),
+                          {"model": vars(model_args), "data": vars(data_args), "train": vars(train_args)})
+    log = MetricsLog(out, rows=rows, active=rank() == 0)
+    last_saved = [resume_path]
 
     def save(stage, step):
         path = os.path.join(out, f"checkpoint-{stage}-{step}")
-        runtime.save_checkpoint(path, {"stage": stage, "step": step, "results": results, "done": done})
+        steps_done = step if step != "end" else 1 << 62
+        client = {"stage": stage, "step": step, "results": results, "done": done, "metrics": log.rows,
+                  "reference": ref_state}
+        meta = {"progress": [STAGE_INDEX[stage], steps_done], "stage": stage, "step": step, "run": signature}
+        runtime.save_checkpoint(path, client, meta)
+        last_saved[0] = path
+        return path
 
-    if train_args.eval != "none" and train_args.eval_untrained and "untrained" not in results:
-        results["untrained"] = evaluate(runtime, tokenizer, eval_features, train_args, "untrained")
-    for stage in stages:
-        if stage in done:
-            continue
-        start = resume_step if stage == resume_stage else 0
-        if start == 0:
-            runtime.reset_optimizer_state()
-        run_stage(stage, runtime, tokenizer, train_ds, data_args, train_args, log, start_step=start, on_save=save)
-        done.append(stage)
-        name = "S-DPO" if stage == "sdpo" and train_args.stage != "dpo" else ("DPO" if stage == "sdpo" else "SFT")
-        if train_args.eval != "none":
-            results[name] = evaluate(runtime, tokenizer, eval_features, train_args, name)
-        save(stage, "end")
+    try:
+        with GracefulStop() as stop:
+            if train_args.eval != "none" and train_args.eval_untrained and "untrained" not in results:
+                results["untrained"] = evaluate(runtime, tokenizer, eval_features, train_args, "untrained")
+            for stage in stages:
+                if stage in done:
+                    continue
+                start = resume_step if stage == resume_stage else 0
+                if start == 0:
+                    runtime.reset_optimizer_state()
+                ref_all = None
+                if stage == "sdpo" and train_args.reference == "precompute":
+                    if start == 0:  # at the start of S-DPO its model is the reference; a resumed run has its copy
+                        key = {"reference model weights": fingerprint.model_weights(runtime.module, runtime.stage3),
+                               "tokenized training data": signature["tokenized training data"]}
+                        ref_all = reference_logps(runtime, tokenizer, train_ds, train_args,
+                                                  os.path.join(out, "reference_logps.pt"), key)
+                        ref_state = {"key": key, "logps": ref_all}
+                    ref_all = ref_state["logps"]
+                run_stage(stage, runtime, tokenizer, train_ds, data_args, train_args, log, start_step=start,
+                          on_save=save, ref_all=ref_all, stop=stop)
+                done.append(stage)
+                name = "S-DPO" if stage == "sdpo" and train_args.stage != "dpo" else ("DPO" if stage == "sdpo" else "SFT")
+                if train_args.eval != "none":
+                    results[name] = evaluate(runtime, tokenizer, eval_features, train_args, name)
+                path = save(stage, "end")
+                signum = stop.requested()
+                if signum and stage != stages[-1]:
+                    raise Stopped(signum, path, f"the end of {stage}")
+    except Stopped as exc:
+        if rank() == 0:
+            print(f"{exc}: checkpoint {exc.checkpoint} written; resume with the same flags and "
+                  f"--resume_from_checkpoint {exc.checkpoint} (or latest)", file=sys.stderr, flush=True)
+        raise SystemExit(exc.exit_code) from None
+    except NonFiniteError as exc:
+        kept = f"the last good checkpoint is {last_saved[0]}" if last_saved[0] else "no checkpoint was written yet"
+        raise UserError(f"training stopped: {exc} (the step was not saved; {kept}); lower the learning rate or "
+                        "check the data") from None
 
-    base = os.path.join(out, "final-base") if (model_args.lora and model_args.model_name_or_path is None) else None
-    runtime.export(os.path.join(out, "final"), tokenizer, base_path=base)
+    final, base = os.path.join(out, "final"), None
+    if model_args.lora and model_args.model_name_or_path is None:
+        base = os.path.join(out, "final-base")
+    _export_atomic(runtime, tokenizer, final, base)
     if rank() == 0:
-        save_results(os.path.join(out, "results.json"), results)
+        write_json_atomic(os.path.join(out, "results.json"), results)
         if results:
             print("\n" + format_table(results))
-        print(f"\nexported to {os.path.join(out, 'final')}" + (f" (base model: {base})" if base else ""))
+        print(f"\nexported to {final}" + (f" (base model: {base})" if base else ""))
     barrier()
     return 0
+
+
+def _export_atomic(runtime, tokenizer, final, base):
+    """``runtime.export`` into temporary folders, renamed over ``final`` (and ``base``) when complete."""
+    import shutil
+
+    tmp_final = os.path.join(os.path.dirname(final), ".tmp-final")
+    tmp_base = os.path.join(os.path.dirname(final), ".tmp-final-base") if base else None
+    if rank() == 0:
+        for t in (tmp_final, tmp_base):
+            if t:
+                shutil.rmtree(t, ignore_errors=True)
+    barrier()
+    try:
+        runtime.export(tmp_final, tokenizer, base_path=tmp_base)
+    except OSError:
+        if rank() == 0:
+            for t in (tmp_final, tmp_base):
+                if t:
+                    shutil.rmtree(t, ignore_errors=True)
+        raise
+    if rank() == 0:
+        for tmp, dst in ((tmp_final, final), (tmp_base, base)):
+            if tmp:
+                shutil.rmtree(dst, ignore_errors=True)
+                os.replace(tmp, dst)
+    barrier()
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
-"""train.py end to end: config errors, exact resume, DeepSpeed ZeRO-3 (2 CPU ranks) vs one process, export.
+"""train.py end to end: config errors, exact resume (also after SIGINT/SIGTERM), DeepSpeed ZeRO-3
+(2 CPU ranks) vs one process, export.
 
-Each run is a subprocess on a tiny model and a small slice of the synthetic data.
+Runs call ``sdpo_fast.train.main(argv)`` in this process (the DeepSpeed test starts its ranks as
+subprocesses), on a tiny model and a small slice of the synthetic data.
 """
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +17,23 @@ from pathlib import Path
 import pytest
 import torch
 
+from sdpo_fast import train as train_mod
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--tiny_layers", "1", "--tiny_hidden", "64", "--tokenizer_vocab", "400"]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_threads(one_thread, monkeypatch):
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+
+
+def train_in_process(args, out):
+    """``main(argv)``; returns its status (0) or raises AssertionError with the error line."""
+    try:
+        return train_mod.main(["--output_dir", str(out)] + TINY + args)
+    except SystemExit as exc:
+        raise AssertionError(f"train.main exited with {exc.code}") from exc
 
 
 def run_train(args, out, launcher=None, timeout=900):
@@ -30,6 +49,15 @@ def metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+def user_error(capsys, argv):
+    """The exit status and the stderr lines of ``main(argv)`` failing with a user error."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        train_mod.main(argv)
+    err = capsys.readouterr().err.replace("\r", "\n")  # progress bars redraw with \r
+    return info.value.code, [line for line in err.splitlines() if line.strip() and "%|" not in line]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -38,48 +66,135 @@ def metrics(out):
         (["--reference", "live"], "--reference live needs --lora"),
         (["--dataset", "movielens"], "data not found"),
         (["--deepspeed", "nope.json"], "no such file nope.json"),
+        (["--beta", "0"], r"--beta must be > 0, got 0.0"),
+        (["--beta", "-1"], r"--beta must be > 0, got -1.0"),
+        (["--beta", "nan"], r"--beta must be > 0, got nan"),
+        (["--max_steps", "0"], r"--max_steps must be >= 1, got 0"),
+        (["--save_steps", "-1"], r"--save_steps must be >= 0"),
+        (["--sft_epochs", "-1"], r"--sft_epochs must be > 0, got -1.0"),
+        (["--sdpo_learning_rate", "inf"], r"--sdpo_learning_rate must be > 0, got inf"),
+        (["--batch_size", "0"], r"--batch_size must be >= 1, got 0"),
+        (["--tiny_heads", "3", "--tiny_kv_heads", "1"], r"--tiny_hidden 64 must be a multiple of --tiny_heads 3"),
+        (["--no_such_flag", "1"], r"unrecognized arguments: --no_such_flag 1"),
+        (["--batch_size", "many"], r"argument --batch_size/--batch-size: invalid int value: 'many'"),
+        (["--resume_from_checkpoint", "nowhere"], r"--resume_from_checkpoint: no such folder nowhere"),
         (["--lora", "--lora_targets", "q_proj,w_gate"], r"--lora_targets \['w_gate'\] not found"),
         (["--num_negatives", "20"], "--num_negatives 20 is above the 19 non-target candidates"),
     ],
 )
-def test_config_errors_before_any_work(tmp_path, args, message):
-    import re
-
-    cmd = [sys.executable, str(ROOT / "train.py"), "--output_dir", str(tmp_path / "o")] + TINY + args
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert re.search(message, proc.stderr + proc.stdout), proc.stderr[-2000:]
+def test_config_errors_before_any_work(tmp_path, capsys, args, message):
+    """Every user error: one line of stderr, exit status 2, no traceback, nothing trained."""
+    code, lines = user_error(capsys, ["--output_dir", str(tmp_path / "o")] + TINY + args)
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert re.search(message, lines[0]), lines
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
 
 
-@pytest.mark.slow  # end-to-end training (train.py subprocesses)
+def test_several_config_errors_one_line_each(tmp_path, capsys):
+    code, lines = user_error(capsys, ["--output_dir", str(tmp_path / "o"), "--beta", "nan", "--max_steps", "0"])
+    assert code == 2
+    assert lines == ["error: --beta must be > 0, got nan", "error: --max_steps must be >= 1, got 0"]
+
+
+RESUME = ["--stage", "all", "--max_train_examples", "48", "--batch_size", "8", "--sft_epochs", "1",
+          "--sdpo_epochs", "1", "--eval", "none", "--num_negatives", "3"]
+
+
+def _same_losses(got, want):
+    assert [(m["stage"], m["step"]) for m in got] == [(m["stage"], m["step"]) for m in want]
+    for g, w in zip(got, want):
+        assert g["loss"] == w["loss"], (g, w)  # bit-identical: same batches, weights, RNG, optimizer
+        assert g.get("reward_accuracy") == w.get("reward_accuracy")
+
+
+@pytest.mark.slow  # end-to-end training
 def test_resume_reproduces_the_following_losses(tmp_path):
-    common = ["--stage", "all", "--max_train_examples", "48", "--batch_size", "8", "--sft_epochs", "1",
-              "--sdpo_epochs", "1", "--save_steps", "2", "--eval", "none", "--num_negatives", "3"]
-    run_train(common, tmp_path / "a")
+    """Resuming from a periodic checkpoint into a new folder reproduces the run exactly, and its
+    metrics.jsonl is the whole run's (the rows up to the checkpoint come from the checkpoint) with no
+    duplicates. Nothing is copied: the tokenizer is retrained identically, the reference log-probs
+    come from the checkpoint."""
+    train_in_process(RESUME + ["--save_steps", "2"], tmp_path / "a")
     full = metrics(tmp_path / "a")
     assert [m["step"] for m in full if m["stage"] == "sdpo"] == [1, 2, 3, 4, 5, 6]
+    train_in_process(RESUME + ["--save_steps", "2", "--resume_from_checkpoint",
+                               str(tmp_path / "a" / "checkpoint-sdpo-2")], tmp_path / "b")
+    _same_losses(metrics(tmp_path / "b"), full)
 
-    b = tmp_path / "b"
-    shutil.copytree(tmp_path / "a" / "tokenizer", b / "tokenizer")
-    shutil.copy(tmp_path / "a" / "reference_logps.pt", b / "reference_logps.pt")
-    run_train(common + ["--resume_from_checkpoint", str(tmp_path / "a" / "checkpoint-sdpo-2")], b)
-    resumed = metrics(b)
-    assert [(m["stage"], m["step"]) for m in resumed] == [("sdpo", s) for s in (3, 4, 5, 6)]
-    for got, want in zip(resumed, [m for m in full if m["stage"] == "sdpo"][2:]):
+
+@pytest.mark.slow  # end-to-end training
+@pytest.mark.parametrize("sig, stage, step", [(signal.SIGTERM, "sdpo", 2), (signal.SIGINT, "sft", 3)],
+                         ids=["sigterm", "sigint"])
+def test_signal_stops_with_a_checkpoint_and_resume_is_exact(tmp_path, capsys, monkeypatch, sig, stage, step):
+    """SIGTERM / SIGINT during a step: the step finishes, a checkpoint is written, the exit status is
+    128 + the signal and one line says how to resume; resuming with ``latest`` in the same folder
+    reproduces the uninterrupted run's losses exactly, without duplicated rows."""
+    train_in_process(RESUME, tmp_path / "a")  # no periodic checkpoints
+    full = metrics(tmp_path / "a")
+
+    write, at = train_mod.MetricsLog.write, (stage, step)
+
+    def write_then_signal(self, record, step=None):  # the signal arrives while the step is being logged
+        write(self, record, step=step)
+        if (record["stage"], record["step"]) == at:
+            os.kill(os.getpid(), sig)
+
+    handler_before = signal.getsignal(sig)
+    monkeypatch.setattr(train_mod.MetricsLog, "write", write_then_signal)
+    out = tmp_path / "b"
+    code, lines = user_error(capsys, ["--output_dir", str(out)] + TINY + RESUME)
+    monkeypatch.setattr(train_mod.MetricsLog, "write", write)
+    assert code == 128 + sig
+    ckpt = out / f"checkpoint-{stage}-{step}"
+    assert lines[-1] == (f"stopped by {signal.Signals(sig).name} after {stage} step {step}: checkpoint {ckpt} "
+                         f"written; resume with the same flags and --resume_from_checkpoint {ckpt} (or latest)")
+    assert (ckpt / "checkpoint.json").is_file()
+    assert signal.getsignal(sig) == handler_before  # the run's handlers are gone
+    stopped = metrics(out)
+    assert (stopped[-1]["stage"], stopped[-1]["step"]) == (stage, step)
+
+    train_in_process(RESUME + ["--resume_from_checkpoint", "latest"], out)
+    _same_losses(metrics(out), full)
+
+
+@pytest.mark.slow
+def test_sigterm_from_another_process_then_resume(tmp_path):
+    """A real ``python train.py`` process receives SIGTERM from outside while training: it exits with
+    143 after writing a checkpoint; a second process resumes with ``latest`` and the run's
+    metrics.jsonl has each step once, with the uninterrupted run's losses."""
+    import time
+
+    train_in_process(RESUME, tmp_path / "a")
+    full = metrics(tmp_path / "a")
+    out = tmp_path / "b"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--output_dir", str(out)] + TINY + RESUME
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = out / "metrics.jsonl", time.monotonic() + 300
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert re.fullmatch(r"stopped by SIGTERM after (sft|sdpo) step \d+: checkpoint \S+ written; resume with the same "
+                        r"flags and --resume_from_checkpoint \S+ \(or latest\)", last), last
+    run_train(RESUME + ["--resume_from_checkpoint", "latest"], out)
+    resumed = metrics(out)
+    assert [(m["stage"], m["step"]) for m in resumed] == [(m["stage"], m["step"]) for m in full]
+    for got, want in zip(resumed, full):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-6, abs=1e-7)
-        assert got["reward_accuracy"] == want["reward_accuracy"]
 
 
-@pytest.mark.slow  # end-to-end training (train.py subprocesses)
+@pytest.mark.slow  # end-to-end training
 def test_lora_live_reference_equals_precomputed_at_the_start(tmp_path):
     """LoRA B starts at 0, so at step 1 the live reference (adapters off) and the precomputed one
     (the starting model) are the same model: identical first losses, then training proceeds."""
     common = ["--stage", "sdpo", "--lora", "--max_train_examples", "16", "--batch_size", "8", "--max_steps", "2",
               "--eval", "none", "--sdpo_learning_rate", "1e-2", "--num_negatives", "3"]
-    run_train(common + ["--reference", "live"], tmp_path / "live")
-    shutil.copytree(tmp_path / "live" / "tokenizer", tmp_path / "pre" / "tokenizer")
-    run_train(common, tmp_path / "pre")
+    train_in_process(common + ["--reference", "live"], tmp_path / "live")
+    train_in_process(common, tmp_path / "pre")
     live, pre = metrics(tmp_path / "live"), metrics(tmp_path / "pre")
     assert live[0]["loss"] == pytest.approx(pre[0]["loss"], rel=1e-5)
     assert live[0]["loss"] == pytest.approx(torch.log(torch.tensor(4.0)).item(), rel=1e-5)  # log(1 + K), K = 3
@@ -107,6 +222,7 @@ def test_deepspeed_zero3_two_ranks_match_one_process(tmp_path, lora):
     single, multi = tmp_path / "single", tmp_path / "multi"
     run_train(common + ["--batch_size", "8"], single)
     shutil.copytree(single / "tokenizer", multi / "tokenizer")  # same tokenizer file, not a retrained one
+    common = common + ["--overwrite_output_dir"]  # multi/ holds that tokenizer
     launcher = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", "29517"]
     run_train(common + ["--batch_size", "4", "--deepspeed", str(ROOT / "configs" / "zero3.json")], multi, launcher)
 

@@ -78,6 +78,8 @@ def _check_device(hidden: torch.Tensor, weight: torch.Tensor):
         raise ValueError(f"the native backend runs on CPU tensors, got {hidden.device}")
     if not hidden.dtype.is_floating_point or not weight.dtype.is_floating_point:
         raise ValueError(f"hidden and weight must be floating point, got {hidden.dtype} and {weight.dtype}")
+    if hidden.dtype != weight.dtype:  # as the torch backend (and the kernel backends) refuse
+        raise ValueError(f"native backend: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
 
 
 def _prepare(hidden: torch.Tensor, weight: torch.Tensor, batch):

@@ -204,6 +204,7 @@ def tokenize_dataset(
     cache_dir: str | os.PathLike | None = None,
     num_proc: int | None = None,
     desc: str = "tokenizing",
+    max_positions: int | None = None,
 ):
     """A ``datasets.Dataset`` of ``examples`` with the ``TOKENIZED_COLUMNS`` added, via ``datasets.map``.
 
@@ -214,6 +215,10 @@ def tokenize_dataset(
     history items dropped by the truncation rules.
 
     The dataset also has an ``idx`` column (position in ``examples``), which the collator reports.
+
+    ``max_positions`` (the model's ``max_position_embeddings``): every example's prompt plus its
+    longest candidate must fit, else ``ValueError`` names the first example that does not (checked
+    on cached results too, before any training step).
     """
     import datasets
 
@@ -230,7 +235,7 @@ def tokenize_dataset(
         os.makedirs(cache_dir, exist_ok=True)
         cache_file = os.path.join(os.fspath(cache_dir), f"tokenized-{key}.arrow")
         if os.path.exists(cache_file):
-            return datasets.Dataset.from_file(cache_file)
+            return _check_positions(datasets.Dataset.from_file(cache_file), examples, max_positions)
     ds = datasets.Dataset.from_list(rows)
 
     title_cache: dict = {}
@@ -261,4 +266,21 @@ def tokenize_dataset(
             f"{cut_history} history item(s) dropped for max_prompt_tokens={max_prompt_tokens}",
             stacklevel=2,
         )
-    return out
+    return _check_positions(out, examples, max_positions)
+
+
+def _check_positions(ds, examples: Sequence[RecExample], max_positions: int | None):
+    """``ds``, after checking that prompt + longest candidate fits ``max_positions`` for every row."""
+    if max_positions is None:
+        return ds
+    for i, (p, lens) in enumerate(zip(ds["prompt_len"], ds["candidate_lens"])):
+        longest = max(lens)
+        if p + longest > max_positions:
+            ex = examples[i]
+            title = ex.candidates[lens.index(longest)]
+            raise ValueError(
+                f"example {ex.example_id or i} (user {ex.user_id}): its prompt ({p} tokens) and longest candidate "
+                f"({longest} tokens, {title[:40]!r}) need {p + longest} positions, more than the model's "
+                f"{max_positions}; shorten the titles or lower --max_prompt_tokens"
+            )
+    return ds

@@ -39,6 +39,9 @@ def generation_metrics(answers: Sequence[str], candidates: Sequence[Sequence[str
         raise ValueError("generation_metrics: answers, candidates and target_indices differ in length")
     if not answers:
         raise ValueError("generation_metrics: no answers")
+    few = next((i for i, c in enumerate(candidates) if len(c) < 2), None)
+    if few is not None:
+        raise ValueError(f"generation_metrics: example {few} has fewer than 2 candidates (need >= 2)")
     valid = hit = 0
     for a, c, t in zip(answers, candidates, target_indices):
         named = match_answer(a, c, match)
@@ -60,6 +63,9 @@ def ranking_metrics(scores, target_index, k: int = 5) -> dict:
         raise ValueError("ranking_metrics: no examples")
     if torch.isnan(s).any():
         raise ValueError("ranking_metrics: NaN scores")
+    few = (torch.isfinite(s).sum(1) < 2).nonzero()
+    if few.numel():  # one candidate is always "ranked first": a hit that measures nothing
+        raise ValueError(f"ranking_metrics: example {int(few[0])} has fewer than 2 scored candidates (need >= 2)")
     target = s.gather(1, t[:, None])
     others = torch.ones_like(s, dtype=torch.bool).scatter_(1, t[:, None], False)
     rank = 1 + ((s >= target) & others).sum(1).double()

@@ -24,11 +24,20 @@ def default_max_new_tokens(features: Sequence[dict]) -> int:
     """The one rule for the generation budget: the longest candidate (with EOS) + 4 tokens."""
     return max(len(c) for f in features for c in f["candidate_ids"]) + _EXTRA_NEW_TOKENS
 
+
+def _candidates_of(example):
+    return example.candidates if isinstance(example, RecExample) else example["candidate_ids"]
+
+
 def _features(examples, tokenizer, tokenize_kwargs) -> list[dict]:
     """Rows with prompt_ids / candidate_ids / target_index / candidates: tokenises RecExamples,
-    passes tokenised rows (``tokenize_dataset`` output) through."""
+    passes tokenised rows (``tokenize_dataset`` output) through. Examples with fewer than 2
+    candidates are refused."""
     if len(examples) == 0:
         raise ValueError("no examples to evaluate")
+    few = next((i for i in range(len(examples)) if len(_candidates_of(examples[i])) < 2), None)
+    if few is not None:
+        raise ValueError(f"example {few} has fewer than 2 candidates: evaluation needs at least 2 per example")
     first = examples[0]
     if isinstance(first, RecExample):
         if tokenizer is None:
