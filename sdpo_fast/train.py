@@ -64,14 +64,13 @@ def load_data(data_args):
 
 def build_model(model_args, splits, output_dir, bf16):
     """``(tokenizer, model)``: a local HF model, or the tiny default Llama with a tokenizer trained on the data."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     dtype = torch.bfloat16 if bf16 else torch.float32
     if model_args.model_name_or_path is not None:
-        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype)
+        from .pretrained import load_local_model
+
+        tokenizer, model = load_local_model(model_args.model_name_or_path, gguf_file=model_args.gguf_file, dtype=dtype)
     else:
         from .data import build_tokenizer
 
@@ -317,20 +316,22 @@ def main(argv=None) -> int:
         with open(os.path.join(out, "args.json"), "w") as f:
             json.dump({"model": vars(model_args), "data": vars(data_args), "train": vars(train_args)}, f, indent=2)
     barrier()
-    from .data import tokenize_dataset
+    from .data import sample_over_users, tokenize_dataset
     from .eval import format_table, save_results
 
     splits = load_data(data_args)
-    fewest = min(len(ex.candidates) for ex in splits.train) - 1
-    if train_args.stage != "sft" and data_args.num_negatives > fewest:
+    if not splits.train and train_args.stage != "eval":
+        raise SystemExit(f"--dataset {data_args.dataset}: no training examples (only --stage eval works without them)")
+    fewest = min((len(ex.candidates) for ex in splits.train), default=0) - 1
+    if train_args.stage not in ("sft", "eval") and data_args.num_negatives > fewest:
         raise SystemExit(
             f"--num_negatives {data_args.num_negatives} is above the {fewest} non-target candidates some "
             "training users have"
         )
     tokenizer, model = build_model(model_args, splits, out, bf16)
     cache_dir = data_args.cache_dir or os.path.join(out, "cache")
-    train_examples = splits.train[: data_args.max_train_examples] if data_args.max_train_examples else splits.train
-    eval_examples = splits.test[: data_args.max_eval_examples] if data_args.max_eval_examples else splits.test
+    train_examples = sample_over_users(splits.train, data_args.max_train_examples, seed=data_args.data_seed)
+    eval_examples = sample_over_users(splits.test, data_args.max_eval_examples, seed=data_args.data_seed)
     tok_kwargs = dict(max_prompt_tokens=data_args.max_prompt_tokens, seed=data_args.data_seed)
     train_ds = tokenize_dataset(train_examples, tokenizer, cache_dir=cache_dir, desc="tokenizing train", **tok_kwargs)
     eval_ds = tokenize_dataset(eval_examples, tokenizer, cache_dir=cache_dir, desc="tokenizing test", **tok_kwargs)
@@ -340,7 +341,7 @@ def main(argv=None) -> int:
                       max_grad_norm=train_args.max_grad_norm, weight_decay=train_args.weight_decay, bf16=bf16,
                       device=device)
     log = MetricsLog(out)
-    stages = {"sft": ["sft"], "sdpo": ["sdpo"], "dpo": ["sdpo"], "all": ["sft", "sdpo"]}[train_args.stage]
+    stages = {"sft": ["sft"], "sdpo": ["sdpo"], "dpo": ["sdpo"], "all": ["sft", "sdpo"], "eval": []}[train_args.stage]
     results, done, resume_step, resume_stage = {}, [], 0, None
     if train_args.resume_from_checkpoint is not None:
         state = runtime.load_checkpoint(train_args.resume_from_checkpoint)
@@ -368,7 +369,9 @@ def main(argv=None) -> int:
             results[name] = evaluate(runtime, tokenizer, eval_features, train_args, name)
         save(stage, "end")
 
-    base = os.path.join(out, "final-base") if (model_args.lora and model_args.model_name_or_path is None) else None
+    # LoRA adapters need their base on disk: the tiny default and a GGUF base exist in no HF folder.
+    base_elsewhere = model_args.model_name_or_path is None or model_args.gguf_file is not None
+    base = os.path.join(out, "final-base") if (model_args.lora and base_elsewhere) else None
     runtime.export(os.path.join(out, "final"), tokenizer, base_path=base)
     if rank() == 0:
         save_results(os.path.join(out, "results.json"), results)
