@@ -8,7 +8,7 @@ Rows, each one ``train.py`` process (its wall-clock time and peak resident memor
 1. ``untrained``: the model as loaded (``--stage eval``);
 2. ``SFT``: LoRA SFT from it; its adapter is then merged into the base (``sft-merged/``);
 3. ``DPO`` (K = 1), ``S-DPO K=3``, ``S-DPO K=15``: each a fresh LoRA on the merged SFT weights, the
-   SFT model as reference (precomputed);
+   SFT model as reference (precomputed once, in the DPO row, and reused by the other two);
 4. ``popularity`` / ``co-occurrence``: the baselines on the same test sample, fit on the same
    training sample as the LMs (and, as ``... (full train)``, on the whole training split).
 
@@ -24,6 +24,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -140,9 +141,17 @@ def main(argv=None) -> int:
             _merge_sft(runs / "sft", runs / "sft-merged")
         sft_start = dict(common, model_name_or_path=str(runs / "sft-merged"))
         sft_start.pop("gguf_file", None)
+        shared_ref = None
         for name, stage, k in (("DPO", "dpo", 1), ("S-DPO K=3", "sdpo", 3), ("S-DPO K=15", "sdpo", 15)):
             if name in wanted:
-                res, s, m = _run(name, dict(sft_start, stage=stage, num_negatives=k), runs / name.replace(" ", "_"), log)
+                run_dir = runs / name.replace(" ", "_")
+                run_dir.mkdir(parents=True, exist_ok=True)
+                # The reference (the SFT model's log-probs of all 20 candidates of every training
+                # example) is the same for the three rows: the first computes it, the others reuse it.
+                if shared_ref is not None:
+                    shutil.copyfile(shared_ref, run_dir / "reference_logps.pt")
+                res, s, m = _run(name, dict(sft_start, stage=stage, num_negatives=k), run_dir, log)
+                shared_ref = shared_ref or run_dir / "reference_logps.pt"
                 rows[name] = {"metrics": next(iter(v for k2, v in res.items() if k2 != "untrained")), "seconds": s,
                               "peak_mib": m}
         base, sample = _baselines(cfg, args.seed)
