@@ -40,26 +40,29 @@ METRICS = (("hr@1", "HR@1"), ("ndcg@5", "NDCG@5"), ("mrr", "MRR"), ("hit_ratio@1
 
 
 def _run(name, cfg, run_dir, log):
-    """One ``train.py`` process with ``cfg`` written to ``run_dir/config.yaml``: ``(results, seconds, peak MiB)``."""
+    """One ``train.py`` process with ``cfg`` written to ``run_dir/config.yaml``:
+    ``(results, {"seconds", "cpu_seconds", "peak_mib"})``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = dict(cfg, output_dir=str(run_dir))
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(run_dir / "config.yaml")]
+    # Passive OpenMP waits: on a shared machine spinning threads would count as work in the CPU time.
+    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     log.write(f"\n===== {name}: {' '.join(cmd)}\n")
     log.flush()
     print(f"[reproduce] {name} ...", flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed (exit {proc.returncode}); see the log")
     results = json.loads((run_dir / "results.json").read_text())
-    peak = usage.ru_maxrss / 1024  # Linux: KiB
-    print(f"[reproduce] {name}: {seconds:.0f} s, peak {peak:.0f} MiB", flush=True)
-    log.write(f"===== {name}: {seconds:.1f} s, peak RSS {peak:.0f} MiB\n")
-    return results, seconds, peak
+    cost = {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_mib": usage.ru_maxrss / 1024}
+    print(f"[reproduce] {name}: {seconds:.0f} s ({cost['cpu_seconds']:.0f} s CPU), peak {cost['peak_mib']:.0f} MiB", flush=True)
+    log.write(f"===== {name}: {seconds:.1f} s, {cost['cpu_seconds']:.1f} s CPU, peak RSS {cost['peak_mib']:.0f} MiB\n")
+    return results, cost
 
 
 def _merge_sft(run_dir: Path, out: Path):
@@ -91,13 +94,14 @@ def _baselines(cfg, seed):
 
 
 def _table(rows) -> str:
-    head = "| model | " + " | ".join(label for _, label in METRICS) + " | time (s) | peak memory (MiB) |"
-    lines = [head, "|" + "---|" * (len(METRICS) + 3)]
+    head = "| model | " + " | ".join(label for _, label in METRICS) + " | time (s) | CPU time (s) | peak memory (MiB) |"
+    lines = [head, "|" + "---|" * (len(METRICS) + 4)]
     for name, row in rows.items():
         cells = [("-" if row["metrics"].get(k) is None else f"{row['metrics'][k]:.3f}") for k, _ in METRICS]
         t = "-" if row.get("seconds") is None else f"{row['seconds']:.0f}"
+        c = "-" if row.get("cpu_seconds") is None else f"{row['cpu_seconds']:.0f}"
         m = "-" if row.get("peak_mib") is None else f"{row['peak_mib']:.0f}"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {t} | {m} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {t} | {c} | {m} |")
     return "\n".join(lines)
 
 
@@ -106,6 +110,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=str(ROOT / "configs" / "ml100k_smollm2.yaml"))
     ap.add_argument("--train", type=int, default=None, help="training examples (default: the config's)")
     ap.add_argument("--test", type=int, default=None, help="test examples (default: the config's)")
+    ap.add_argument("--batch_size", type=int, default=None, help="groups per step (default: the config's)")
     ap.add_argument("--seed", type=int, default=0, help="data seed (samples, negatives) and training seed")
     ap.add_argument("--tag", default="ml100k_smollm2", help="name of the result files and the runs/ folder")
     ap.add_argument("--rows", default="untrained,SFT,DPO,S-DPO K=3,S-DPO K=15",
@@ -117,6 +122,8 @@ def main(argv=None) -> int:
         cfg["max_train_examples"] = args.train
     if args.test is not None:
         cfg["max_eval_examples"] = args.test
+    if args.batch_size is not None:
+        cfg["batch_size"] = args.batch_size
     cfg.update(data_seed=args.seed, seed=args.seed)
     for key in ("data_path", "model_name_or_path"):
         cfg[key] = str((ROOT / cfg[key]).resolve())
@@ -133,11 +140,11 @@ def main(argv=None) -> int:
     with open(results_dir / f"{args.tag}.log", "w") as log:
         common = dict(cfg, eval_untrained=False)
         if "untrained" in wanted:
-            res, s, m = _run("untrained", dict(common, stage="eval", lora=False, eval_untrained=True), runs / "untrained", log)
-            rows["untrained"] = {"metrics": res["untrained"], "seconds": s, "peak_mib": m}
+            res, cost = _run("untrained", dict(common, stage="eval", lora=False, eval_untrained=True), runs / "untrained", log)
+            rows["untrained"] = {"metrics": res["untrained"], **cost}
         if any(r != "untrained" for r in wanted):
-            res, s, m = _run("SFT", dict(common, stage="sft"), runs / "sft", log)
-            rows["SFT"] = {"metrics": res["SFT"], "seconds": s, "peak_mib": m}
+            res, cost = _run("SFT", dict(common, stage="sft"), runs / "sft", log)
+            rows["SFT"] = {"metrics": res["SFT"], **cost}
             _merge_sft(runs / "sft", runs / "sft-merged")
         sft_start = dict(common, model_name_or_path=str(runs / "sft-merged"))
         sft_start.pop("gguf_file", None)
@@ -150,13 +157,12 @@ def main(argv=None) -> int:
                 # example) is the same for the three rows: the first computes it, the others reuse it.
                 if shared_ref is not None:
                     shutil.copyfile(shared_ref, run_dir / "reference_logps.pt")
-                res, s, m = _run(name, dict(sft_start, stage=stage, num_negatives=k), run_dir, log)
+                res, cost = _run(name, dict(sft_start, stage=stage, num_negatives=k), run_dir, log)
                 shared_ref = shared_ref or run_dir / "reference_logps.pt"
-                rows[name] = {"metrics": next(iter(v for k2, v in res.items() if k2 != "untrained")), "seconds": s,
-                              "peak_mib": m}
+                rows[name] = {"metrics": next(iter(v for k2, v in res.items() if k2 != "untrained")), **cost}
         base, sample = _baselines(cfg, args.seed)
         for name, metrics in base.items():
-            rows[name] = {"metrics": metrics, "seconds": None, "peak_mib": None}
+            rows[name] = {"metrics": metrics}
     total = time.perf_counter() - started
     import torch
 

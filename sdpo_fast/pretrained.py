@@ -8,6 +8,7 @@ folder (transformers refuses to save a GGUF-loaded model) with the same logits.
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -57,7 +58,11 @@ def _plain_copy(model):
     """The same architecture built from the config, holding ``model``'s weights (tied ones stay tied)."""
     from transformers import AutoModelForCausalLM
 
-    config = model.config
+    config = copy.deepcopy(model.config)
+    # The GGUF marker would make every later load of the export a "quantized" model that
+    # save_pretrained refuses; the weights here are plain fp32.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}

@@ -170,10 +170,12 @@ def test_candidate_sdpo_loss_real_weights_value_and_every_gradient(logprob_case)
 @needs_gguf
 def test_export_is_a_normal_hf_folder(smollm2, tmp_path):
     tok, model = smollm2
+    assert getattr(model.config, "quantization_config", None) is None  # a plain fp32 model, no GGUF marker
     small = _truncated(model, 2)
     small.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     tok2, again = load_local_model(str(tmp_path))
+    again.save_pretrained(tmp_path / "again")  # a reloaded export saves again (a GGUF-marked one is refused)
     ids = torch.tensor([tok("This user has watched Toy Story. Answer:")["input_ids"]])
     assert tok2("Cape Fear (1962)")["input_ids"] == tok("Cape Fear (1962)")["input_ids"]
     with torch.no_grad():
