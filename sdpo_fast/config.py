@@ -169,6 +169,9 @@ def validate(model_args: ModelArguments, data_args: DataArguments, train_args: T
         path = data_args.data_path or (data_args.dataset if os.path.exists(data_args.dataset) else None)
         if path is None or not os.path.exists(path):
             problems.append(f"--dataset {data_args.dataset}: data not found (give --data_path; got {data_args.data_path})")
+    if model_args.model_name_or_path is not None and not os.path.isdir(model_args.model_name_or_path):
+        problems.append(f"--model_name_or_path {model_args.model_name_or_path}: no such local folder (models are read "
+                        "from local folders; nothing is downloaded from a model hub)")
     if model_args.gguf_file is not None and model_args.model_name_or_path is None:
         problems.append("--gguf_file needs --model_name_or_path FOLDER (the folder that holds the file)")
     if train_args.resume_from_checkpoint is not None and not os.path.isdir(train_args.resume_from_checkpoint):
