@@ -133,6 +133,8 @@ def main(argv=None) -> int:
                          "into .cache/realdata/)")
     wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
     runs = ROOT / "runs" / args.tag
+    # A fresh start: train.py reuses a reference_logps.pt it finds, whatever data it came from.
+    shutil.rmtree(runs, ignore_errors=True)
     results_dir = ROOT / "benchmarks" / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict] = {}
