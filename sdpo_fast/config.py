@@ -28,7 +28,13 @@ LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "local HF causal LM (and tokenizer); default: a tiny Llama built from a config"}
+        default=None,
+        metadata={"help": "local folder of a HF causal LM and tokenizer (models are read from local folders, "
+                          "never downloaded); default: a tiny Llama built from a config"},
+    )
+    gguf_file: str | None = field(
+        default=None, metadata={"help": "a GGUF file inside --model_name_or_path (needs the gguf package); the export "
+                                        "writes a normal HF folder"}
     )
     tiny_layers: int = field(default=2, metadata={"help": "tiny default model: decoder layers"})
     tiny_hidden: int = field(default=128, metadata={"help": "tiny default model: hidden size"})
@@ -46,7 +52,9 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     dataset: str = field(
-        default="synthetic", metadata={"help": "synthetic | movielens | lastfm | goodreads | path to a .jsonl"}
+        default="synthetic",
+        metadata={"help": "synthetic | movielens | lastfm | goodreads | recbole (folder of <name>.inter/.item) | "
+                          "sdpo (folder of the paper's <name>-train/-val/-test.json) | jsonl | a path"},
     )
     data_path: str | None = field(default=None, metadata={"help": "folder or file of the dataset"})
     titles_path: str | None = field(default=None, metadata={"help": "Goodreads: book titles file"})
@@ -54,15 +62,21 @@ class DataArguments:
     num_negatives: int = field(default=7, metadata={"help": "K negatives per group in S-DPO (dpo stage: 1)"})
     negatives: str = field(default="random", metadata={"help": "random | hard (the policy's top-scored)"})
     max_prompt_tokens: int = 512
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = field(default=None, metadata={"help": "test users evaluated (default: all)"})
+    max_train_examples: int | None = field(
+        default=None, metadata={"help": "training EXAMPLES used: a seeded sample spread over users (--data_seed; default: all)"}
+    )
+    max_eval_examples: int | None = field(
+        default=None, metadata={"help": "test EXAMPLES evaluated: a seeded sample spread over users (--data_seed; default: all)"}
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "datasets.map cache (default: <output_dir>/cache)"})
 
 
 @dataclass
 class TrainArguments:
     config: str | None = field(default=None, metadata={"help": "YAML/JSON file of defaults for any flag"})
-    stage: str = field(default="all", metadata={"help": "sft | sdpo | dpo (sdpo with K=1) | all (sft then sdpo)"})
+    stage: str = field(
+        default="all", metadata={"help": "sft | sdpo | dpo (sdpo with K=1) | all (sft then sdpo) | eval (no training)"}
+    )
     output_dir: str = "outputs/default"
     overwrite_output_dir: bool = field(
         default=False,
@@ -235,8 +249,8 @@ def validate(model_args: ModelArguments, data_args: DataArguments, train_args: T
     """Errors that need no model or data, raised before any work: one ``UserError`` listing every
     problem found, one per line."""
     problems = _number_checks(model_args, data_args, train_args)
-    if train_args.stage not in ("sft", "sdpo", "dpo", "all"):
-        problems.append(f"--stage must be sft, sdpo, dpo or all, got {train_args.stage!r}")
+    if train_args.stage not in ("sft", "sdpo", "dpo", "all", "eval"):
+        problems.append(f"--stage must be sft, sdpo, dpo, all or eval, got {train_args.stage!r}")
     if train_args.stage == "dpo":
         data_args.num_negatives = 1
     if data_args.num_negatives < 1 and train_args.stage != "sft":
@@ -261,6 +275,11 @@ def validate(model_args: ModelArguments, data_args: DataArguments, train_args: T
         path = data_args.data_path or (data_args.dataset if os.path.exists(data_args.dataset) else None)
         if path is None or not os.path.exists(path):
             problems.append(f"--dataset {data_args.dataset}: data not found (give --data_path; got {data_args.data_path})")
+    if model_args.model_name_or_path is not None and not os.path.isdir(model_args.model_name_or_path):
+        problems.append(f"--model_name_or_path {model_args.model_name_or_path}: no such local folder (models are read "
+                        "from local folders; nothing is downloaded from a model hub)")
+    if model_args.gguf_file is not None and model_args.model_name_or_path is None:
+        problems.append("--gguf_file needs --model_name_or_path FOLDER (the folder that holds the file)")
     resume = train_args.resume_from_checkpoint
     if resume is not None and resume != "latest" and not os.path.isdir(resume):
         problems.append(f"--resume_from_checkpoint: no such folder {resume} (give a checkpoint-* folder or 'latest')")

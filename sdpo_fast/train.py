@@ -78,14 +78,13 @@ def load_data(data_args):
 
 def build_model(model_args, splits, output_dir, bf16):
     """``(tokenizer, model)``: a local HF model, or the tiny default Llama with a tokenizer trained on the data."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     dtype = torch.bfloat16 if bf16 else torch.float32
     if model_args.model_name_or_path is not None:
-        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype)
+        from .pretrained import load_local_model
+
+        tokenizer, model = load_local_model(model_args.model_name_or_path, gguf_file=model_args.gguf_file, dtype=dtype)
     else:
         from .data import build_tokenizer
 
@@ -381,19 +380,22 @@ def _main(argv=None) -> int:
     barrier()
     resume_path = checkpoint.resolve(train_args.resume_from_checkpoint, out)
     resume_meta = checkpoint.read_manifest(resume_path)["meta"] if resume_path else None
+    from .data import sample_over_users
     from .eval import format_table
 
     splits = load_data(data_args)
-    fewest = min(len(ex.candidates) for ex in splits.train) - 1
-    if train_args.stage != "sft" and data_args.num_negatives > fewest:
+    if not splits.train and train_args.stage != "eval":
+        raise UserError(f"--dataset {data_args.dataset}: no training examples (only --stage eval works without them)")
+    fewest = min((len(ex.candidates) for ex in splits.train), default=0) - 1
+    if train_args.stage not in ("sft", "eval") and data_args.num_negatives > fewest:
         raise UserError(
             f"--num_negatives {data_args.num_negatives} is above the {fewest} non-target candidates some "
             "training users have"
         )
     tokenizer, model = build_model(model_args, splits, out, bf16)
     cache_dir = data_args.cache_dir or os.path.join(out, "cache")
-    train_examples = splits.train[: data_args.max_train_examples] if data_args.max_train_examples else splits.train
-    eval_examples = splits.test[: data_args.max_eval_examples] if data_args.max_eval_examples else splits.test
+    train_examples = sample_over_users(splits.train, data_args.max_train_examples, seed=data_args.data_seed)
+    eval_examples = sample_over_users(splits.test, data_args.max_eval_examples, seed=data_args.data_seed)
     if train_args.eval != "none":
         eval_examples = _usable_eval_examples(eval_examples)
     max_positions = getattr(unwrap_causal_lm(model).config, "max_position_embeddings", None)
@@ -415,7 +417,7 @@ def _main(argv=None) -> int:
     runtime = Runtime(model, deepspeed_config=train_args.deepspeed, batch_size=train_args.batch_size,
                       max_grad_norm=train_args.max_grad_norm, weight_decay=train_args.weight_decay, bf16=bf16,
                       device=device)
-    stages = {"sft": ["sft"], "sdpo": ["sdpo"], "dpo": ["sdpo"], "all": ["sft", "sdpo"]}[train_args.stage]
+    stages = {"sft": ["sft"], "sdpo": ["sdpo"], "dpo": ["sdpo"], "all": ["sft", "sdpo"], "eval": []}[train_args.stage]
     results, done, resume_step, resume_stage, rows, ref_state = {}, [], 0, None, [], {}
     if resume_path is not None:
         state, _ = runtime.load_checkpoint(resume_path)
@@ -479,9 +481,10 @@ def _main(argv=None) -> int:
         raise UserError(f"training stopped: {exc} (the step was not saved; {kept}); lower the learning rate or "
                         "check the data") from None
 
-    final, base = os.path.join(out, "final"), None
-    if model_args.lora and model_args.model_name_or_path is None:
-        base = os.path.join(out, "final-base")
+    # LoRA adapters need their base on disk: the tiny default and a GGUF base exist in no HF folder.
+    final = os.path.join(out, "final")
+    base_elsewhere = model_args.model_name_or_path is None or model_args.gguf_file is not None
+    base = os.path.join(out, "final-base") if (model_args.lora and base_elsewhere) else None
     _export_atomic(runtime, tokenizer, final, base)
     if rank() == 0:
         write_json_atomic(os.path.join(out, "results.json"), results)

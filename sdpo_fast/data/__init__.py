@@ -4,7 +4,7 @@ Typical use (the trainer's path)::
 
     from sdpo_fast.data import load_dataset, build_tokenizer, tokenize_dataset, SDPOCollator
 
-    splits = load_dataset("synthetic", seed=0)             # or "movielens", path="ml-100k/" ...
+    splits = load_dataset("synthetic", seed=0)             # or "recbole", path="ml-100k/" ...
     tok = build_tokenizer(splits, vocab_size=1024)          # tiny default model only
     train = tokenize_dataset(splits.train, tok, max_prompt_tokens=512, cache_dir="cache/")
     collate = SDPOCollator(tok, num_negatives=3, token_budget=4096)
@@ -12,7 +12,8 @@ Typical use (the trainer's path)::
 """
 
 from .collate import SDPOBatch, SDPOCollator, TokenBudgetBatchSampler, group_token_bound
-from .examples import DOMAINS, DatasetSplits, RecExample, chronological_split, stable_seed
+from .catalog import PLACEHOLDER_TITLES, build_catalog, clean_title
+from .examples import DOMAINS, DatasetSplits, RecExample, chronological_split, sample_over_users, stable_seed
 from .loaders import (
     DataFormatError,
     clean_goodreads_title,
@@ -22,6 +23,8 @@ from .loaders import (
     load_jsonl,
     load_lastfm,
     load_movielens,
+    load_recbole,
+    load_sdpo_json,
 )
 from .negatives import hard_negatives, random_negatives
 from .prompts import TEMPLATES, completion_text, format_prompt
@@ -31,6 +34,7 @@ from .tokenize import TOKENIZED_COLUMNS, build_tokenizer, tokenize_dataset, toke
 
 __all__ = [
     "DOMAINS",
+    "PLACEHOLDER_TITLES",
     "DataFormatError",
     "DatasetSplits",
     "RecExample",
@@ -39,10 +43,12 @@ __all__ = [
     "TEMPLATES",
     "TOKENIZED_COLUMNS",
     "TokenBudgetBatchSampler",
+    "build_catalog",
     "build_tokenizer",
     "chronological_split",
     "clean_goodreads_title",
     "clean_movielens_title",
+    "clean_title",
     "completion_text",
     "examples_from_sequences",
     "format_prompt",
@@ -53,8 +59,11 @@ __all__ = [
     "load_jsonl",
     "load_lastfm",
     "load_movielens",
+    "load_recbole",
+    "load_sdpo_json",
     "make_synthetic",
     "random_negatives",
+    "sample_over_users",
     "splits_from_sequences",
     "stable_seed",
     "tokenize_dataset",

@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-__all__ = ["DOMAINS", "RecExample", "DatasetSplits", "stable_seed"]
+__all__ = ["DOMAINS", "RecExample", "DatasetSplits", "chronological_split", "sample_over_users", "stable_seed"]
 
 # Domain -> the words prompts use: past and present verb phrases, singular and plural noun.
 DOMAINS = {
@@ -137,3 +137,36 @@ def chronological_split(
     a = int(ratios[0] * n + 1e-9)
     b = int((ratios[0] + ratios[1]) * n + 1e-9)
     return ordered[:a], ordered[a:b], ordered[b:]
+
+
+def sample_over_users(examples: Sequence[RecExample], n: int | None, seed: int = 0) -> list[RecExample]:
+    """A seeded subset of ``n`` examples spread over users (all of them when ``n`` is None or >= len).
+
+    Users are visited in a seeded random order, round after round; each visit takes one more of
+    that user's examples (each user's examples in a seeded random order), until ``n`` are taken. So
+    ``n`` examples come from ``min(n, #users)`` users, each contributing ``floor`` or ``ceil`` of
+    ``n / #users`` while it has examples left. The result keeps the input's (chronological) order.
+    Depends only on ``seed`` and the examples' ``user_id`` / ``example_id``, not on process or order.
+    """
+    if n is None or n >= len(examples):
+        return list(examples)
+    if n < 0:
+        raise ValueError(f"sample size must be >= 0, got {n}")
+    by_user: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_user.setdefault(ex.user_id, []).append(i)
+    users = sorted(by_user, key=lambda u: (stable_seed("sample-users", seed, u), u))
+    queues = {
+        u: sorted(idx, key=lambda i: (stable_seed("sample-examples", seed, examples[i].example_id), i))
+        for u, idx in by_user.items()
+    }
+    chosen: list[int] = []
+    depth = 0
+    while len(chosen) < n:
+        for u in users:
+            if depth < len(queues[u]):
+                chosen.append(queues[u][depth])
+                if len(chosen) == n:
+                    break
+        depth += 1
+    return [examples[i] for i in sorted(chosen)]
