@@ -353,10 +353,10 @@ def test_native_rejects_the_mixed_dtypes_torch_rejects():
         with pytest.raises(ValueError, match=r"weight dtype torch.bfloat16 differs from hidden dtype torch.float32"):
             sdpo_fast.sequence_logprobs(h, w, batch, backend=name)
     if "native" in names:
-        from sdpo_fast.native import native_sequence_logprobs
+        from sdpo_fast.kernels.logprobs import native
 
         with pytest.raises(ValueError, match="native backend: weight dtype torch.bfloat16 differs"):
-            native_sequence_logprobs(h, w, batch)
+            native.forward(h, w, batch, native.Options(), need_h=False, need_w=False)
 
 
 def test_empty_batch_is_refused():
