@@ -254,9 +254,9 @@ def test_deepspeed_zero3_two_ranks_match_one_process(tmp_path, lora):
     logged = json.loads((multi / "results.json").read_text())["S-DPO"]
     tok = AutoTokenizer.from_pretrained(multi / "final")
     model = _reload(multi, lora)
-    from sdpo_fast.data import load_dataset
+    from sdpo_fast.data import load_dataset, sample_over_users
 
-    test = load_dataset("synthetic", seed=0).test[:5]
+    test = sample_over_users(load_dataset("synthetic", seed=0).test, 5, seed=0)  # what --max_eval_examples 5 takes
     again = evaluate_ranking(model, tok, test, max_prompt_tokens=512, seed=0, progress=False)
     for k in ("hr@1", "ndcg@5", "mrr"):
         assert again[k] == pytest.approx(logged[k], abs=1e-6), k
