@@ -43,7 +43,9 @@ def _run(name, cfg, run_dir, log):
     """One ``train.py`` process with ``cfg`` written to ``run_dir/config.yaml``:
     ``(results, {"seconds", "cpu_seconds", "peak_mib"})``."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = dict(cfg, output_dir=str(run_dir))
+    # The folder already holds this config (and maybe the shared reference cache, which train.py checks
+    # against its fingerprint): train.py refuses a non-empty output folder without overwrite_output_dir.
+    cfg = dict(cfg, output_dir=str(run_dir), overwrite_output_dir=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(run_dir / "config.yaml")]
     # Passive OpenMP waits: on a shared machine spinning threads would count as work in the CPU time.
