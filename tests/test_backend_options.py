@@ -94,12 +94,13 @@ def test_options_reach_the_model_level_api():
 
 def test_trainer_configuration_checks_backend_options():
     from sdpo_fast.config import DataArguments, ModelArguments, TrainArguments, validate
+    from sdpo_fast.errors import UserError
 
     def problems(**kw):
         args = TrainArguments(**kw)
         try:
             validate(ModelArguments(), DataArguments(), args)
-        except SystemExit as exc:
+        except UserError as exc:
             return str(exc), args
         return "", args
 

@@ -233,8 +233,9 @@ def test_missing_model_folder_is_one_line(tmp_path):
 
 def test_train_flags_refuse_a_missing_folder_before_any_work(tmp_path):
     from sdpo_fast.config import parse_args
+    from sdpo_fast.errors import UserError
 
-    with pytest.raises(SystemExit, match=r"--model_name_or_path \S+: no such local folder \(models are read from local"):
+    with pytest.raises(UserError, match=r"--model_name_or_path \S+: no such local folder \(models are read from local"):
         parse_args(["--model_name_or_path", str(tmp_path / "SmolLM2-135M"), "--output_dir", str(tmp_path / "out")])
-    with pytest.raises(SystemExit, match=r"--gguf_file needs --model_name_or_path FOLDER"):
+    with pytest.raises(UserError, match=r"--gguf_file needs --model_name_or_path FOLDER"):
         parse_args(["--gguf_file", "m.gguf", "--output_dir", str(tmp_path / "out")])

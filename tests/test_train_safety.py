@@ -325,7 +325,8 @@ def test_sdpo_metrics_group_without_negatives_is_not_perfect():
 
 def test_evaluation_refuses_fewer_than_two_candidates(capsys):
     from sdpo_fast.data import RecExample
-    from sdpo_fast.eval import _features, generation_metrics, ranking_metrics
+    from sdpo_fast.eval import generation_metrics, ranking_metrics
+    from sdpo_fast.eval.scoring import _features
 
     with pytest.raises(ValueError, match="example 1 has fewer than 2 scored candidates"):
         ranking_metrics(torch.tensor([[0.0, -1.0], [0.5, float("-inf")]]), [0, 0])
