@@ -31,6 +31,7 @@ def reference_flce(device):
     return "torch stand-in", nll
 
 
+@pytest.mark.slow  # runs the benchmark sweep end to end
 def test_cpu_sweep_writes_json_markdown_png(bench, tmp_path):
     argv = TINY + ["--ks", "1", "3", "--modes", "full", "lora", "--groups", "2", "--out", str(tmp_path), "--name", "t"]
     meta, rows, paths = bench.main(argv, flce_provider=reference_flce)

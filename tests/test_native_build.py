@@ -121,6 +121,7 @@ def test_bad_options_raise():
                         chunk_rows=2)
 
 
+@pytest.mark.slow  # a fresh interpreter imports the package
 def test_skipped_extension_falls_back_with_one_warning():
     code = (
         "import warnings, torch, sdpo_fast\n"
@@ -144,6 +145,7 @@ def test_skipped_extension_falls_back_with_one_warning():
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr
 
 
+@pytest.mark.slow  # builds a wheel
 def test_wheel_ships_the_sources_for_a_first_use_build(tmp_path):
     """A wheel built without the extension (what an install that cannot see torch produces) carries
     csrc/ as sdpo_fast/_csrc, and, installed away from any checkout, kernels/extension.py compiles from there."""

@@ -22,7 +22,10 @@ from sdpo_fast.loss import sdpo_loss
 from sdpo_fast.pretrained import load_local_model
 
 GGUF = os.environ.get("SDPO_FAST_SMOLLM2_GGUF")
-needs_gguf = pytest.mark.skipif(not GGUF, reason="SDPO_FAST_SMOLLM2_GGUF is not set (.ci/run sets it)")
+# The real-weight checks load the GGUF (about 40 s): they run with the slow tests (.ci/run runs both).
+def needs_gguf(test):
+    skip = pytest.mark.skipif(not GGUF, reason="SDPO_FAST_SMOLLM2_GGUF is not set (.ci/run sets it)")
+    return pytest.mark.slow(skip(test))
 
 MOVIES = ["Toy Story", "The Usual Suspects", "Cape Fear (1962)", "Cape Fear (1991)", "Heat", "Fargo", "Babe",
           "Twelve Monkeys", "Dead Man Walking", "Richard III", "Seven (Se7en)", "Mighty Aphrodite", "Il Postino",

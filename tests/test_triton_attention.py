@@ -252,6 +252,7 @@ def test_candidate_logprobs_tiny_gqa_llama_matches_naive_forward_and_gradients(m
         torch.testing.assert_close(p.grad, p_naive.grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.slow  # ahead-of-time compiles for sm_90
 def test_kernels_compile_for_hopper_without_spills():
     """The CUDA default blocks compile for sm_90 (bf16, Dh=128) to HGMMA with no spills or local memory.
     Uses the ptxas inside the triton wheel (no GPU needed), in a subprocess without the interpreter."""
@@ -271,6 +272,7 @@ def test_kernels_compile_for_hopper_without_spills():
     assert sum(line.startswith("| 128 |") for line in res.stdout.splitlines()) == 3, res.stdout
 
 
+@pytest.mark.slow  # runs the benchmark script end to end
 def test_benchmark_script_runs_and_methods_agree(tmp_path):
     """benchmarks/bench_attention.py on a tiny CPU shape: writes JSON + markdown, and every method's
     output (dense SDPA, the torch reference, the naive layout) matches the kernel's. Timings unchecked."""

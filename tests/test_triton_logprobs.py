@@ -191,6 +191,7 @@ def test_int64_offsets_cuda():
     assert rel(w.grad[ids], ref_dw) < 2e-2
 
 
+@pytest.mark.slow  # ahead-of-time compiles for sm_90
 def test_kernels_compile_for_hopper():
     """The CUDA default blocks compile for sm_90 (bf16) to wgmma with 16-byte cp.async loads and no
     spills. Uses the ptxas inside the triton wheel (no GPU needed), in a subprocess without the
