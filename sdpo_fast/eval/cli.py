@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 import os
 
 from .baselines import evaluate_baselines
@@ -36,23 +34,14 @@ def format_table(results: dict) -> str:
 
 
 def save_results(path: str | os.PathLike, results: dict) -> None:
-    """Write ``results`` (name -> metrics) as indented JSON (non-finite numbers become null)."""
-
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
+    """Write ``results`` (name -> metrics) as indented strict JSON (non-finite numbers become null),
+    atomically (``sdpo_fast.outputs.write_json_atomic``)."""
+    from ..outputs import write_json_atomic
 
     parent = os.path.dirname(os.fspath(path))
     if parent:
         os.makedirs(parent, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(clean(results), f, indent=2, sort_keys=False)
-        f.write("\n")
+    write_json_atomic(os.fspath(path), results)
 
 
 def main(argv=None) -> int:
