@@ -23,7 +23,7 @@ def option(default: Any = None, *, cpu: Any = dataclasses.MISSING, check: str | 
            doc: str = ""):
     """A backend option field. ``default`` is the CUDA (or only) default, ``cpu`` the CPU one when it
     differs; ``check``: ``"int>=0"``, ``"int>=1"``, ``"int>=1|None"``, ``"pow2"``, ``"pow2>=16"``,
-    ``"bool"`` or None; ``ops``: the ops that take it."""
+    ``"bool"``, ``"choice:a,b,..."`` or None; ``ops``: the ops that take it."""
     meta = dict(cpu=default if cpu is dataclasses.MISSING else cpu, check=check, ops=tuple(ops), doc=doc)
     return dataclasses.field(default=default, metadata=meta)
 
@@ -44,6 +44,11 @@ def _checked(name: str, value, check: str | None):
         return None if value is None else _integer(name, value, 1)
     if check in ("int>=0", "int>=1"):
         return _integer(name, value, int(check[-1]))
+    if check.startswith("choice:"):
+        choices = check[len("choice:"):].split(",")
+        if value not in choices:
+            raise OptionError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
     if check in ("pow2", "pow2>=16"):
         low = 16 if check == "pow2>=16" else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < low or value & (value - 1):

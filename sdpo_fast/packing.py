@@ -47,6 +47,9 @@ class PackedBatch:
         prompt_lens     ``[G]`` int64
         group_starts    ``[G]`` int64 flat offset (into ``T``) of the group's first prompt token
         group_lens      ``[G]`` int64 tokens of the group (prompt + all candidates)
+        (device copies of what ``group_layout`` / ``group_spans`` hold on the host, made once at
+        packing: the attention launcher builds its tile tables from them on the device, where
+        rebuilding them per call would cost a host-to-device copy that waits for the stream)
 
     Log-prob layout (``Nr`` rows needing logits, ``N`` targets = candidate tokens, ``Nr < N``):
         logit_rows        ``[Nr]`` int64 flat token index whose hidden state predicts targets
@@ -61,7 +64,7 @@ class PackedBatch:
         group_rows   ``((r0, r1, t0, t1), ...)`` per group: its logit rows ``[r0, r1)`` and targets
                      ``[t0, t1)``, consecutive ranges in group order (what the kernels' whole-group
                      chunks and tiles are cut from)
-        max_span     largest prompt + candidate length: positions used (for sliding-window checks)
+        max_span     (property) largest prompt + candidate length: positions used (sliding-window checks)
     """
 
     input_ids: torch.Tensor
@@ -81,7 +84,6 @@ class PackedBatch:
     group_spans: tuple
     group_layout: tuple
     group_rows: tuple
-    max_span: int
 
     @property
     def num_groups(self) -> int:
@@ -101,6 +103,10 @@ class PackedBatch:
     def num_tokens(self) -> int:
         """Real (non-padding) tokens."""
         return sum(end - start for _, start, end in self.group_spans)
+
+    @property
+    def max_span(self) -> int:
+        return max(p + max(lens) for p, lens in self.group_layout)
 
     @property
     def num_targets(self) -> int:
@@ -330,6 +336,5 @@ def pack_groups(
         group_spans=tuple(spans),
         group_layout=tuple((len(p), tuple(len(c) for c in cs)) for p, cs in parsed),
         group_rows=tuple(group_rows),
-        max_span=max(len(p) + max(len(c) for c in cs) for p, cs in parsed),
     )
     return batch.to(device) if device is not None else batch

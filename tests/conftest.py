@@ -53,15 +53,10 @@ def load_benchmark(name: str):
 # ---- fixtures of the native backend's tests (tests/test_native_*.py) ----------------------------
 
 
-@pytest.fixture(params=LOSS_PATHS)
-def loss_tile(request, monkeypatch):
-    """tile_elements for the loss, selecting one path of LOSS_PATHS."""
-    import sdpo_fast.kernels.logprobs.native as nat
-
-    if request.param == "tiles":
-        return 1 << 23
-    monkeypatch.setattr(nat, "DEFAULT_TILE_ELEMENTS", 1)
-    return None
+@pytest.fixture(params=list(LOSS_PATHS))
+def loss_opts(request):
+    """The native loss options selecting one path of LOSS_PATHS."""
+    return LOSS_PATHS[request.param]
 
 
 @pytest.fixture

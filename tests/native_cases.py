@@ -46,7 +46,6 @@ SEQ_OPTIONS = {
 }
 
 
-# The S-DPO loss's two paths with a trainable weight: a batch of at most D logit rows whose logits
-# exceed the base tile runs through the plain op's kernels with every row kept in the dW-shaped buffer
-# (for these tests' small batches, the base tile is shrunk to 1 element), unless a tile size is given.
-LOSS_PATHS = ["rows-in-grad-buffer", "tiles"]
+# The S-DPO loss's two paths, named by the `path` option: the plain op's kernels over the whole batch
+# (with a trainable weight, at most D rows all kept in the dW-shaped buffer), and the tiled kernel.
+LOSS_PATHS = {"rows-in-grad-buffer": {"path": "whole_batch"}, "tiles": {"path": "tiled", "tile_elements": 1 << 23}}

@@ -116,9 +116,8 @@ def test_bad_options_raise():
         sdpo_fast.sequence_logprobs(h, w, batch, backend="native", tile_elements=10)
     with pytest.raises(ValueError, match="tile_elements"):
         fused_sdpo_loss(h, w, batch, torch.zeros(batch.candidate_mask.shape), backend="native", tile_elements=0)
-    with pytest.raises(ValueError, match="not both"):
-        fused_sdpo_loss(h, w, batch, torch.zeros(batch.candidate_mask.shape), backend="native", tile_elements=10,
-                        chunk_rows=2)
+    with pytest.raises(TypeError, match="path"):  # an option of the loss only
+        sdpo_fast.sequence_logprobs(h, w, batch, backend="native", path="tiled")
 
 
 @pytest.mark.slow  # a fresh interpreter imports the package

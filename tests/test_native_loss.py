@@ -43,67 +43,70 @@ def test_fused_loss_and_gradients_match_fp64(tile, beta, sft_weight):
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_default_tile_grows_to_hold_the_largest_group(monkeypatch, spy):
-    """The loss's default tile is raised to the largest group's rows x V (no recompute), up to a cap;
-    shown here with the two limits scaled down to this vocabulary, against fp64."""
+def test_default_tile_grows_to_hold_the_largest_group(spy):
+    """The loss's default tile is raised to the largest group's rows x V (no recompute), up to a cap
+    (the limits given here at this vocabulary's scale), and the kernel receives exactly that default;
+    an explicit tile_elements is taken as given. Gradients against fp64."""
 
     groups = random_groups(5, n_groups=6, max_k=8, max_len=6)
     batch = sdpo_fast.pack_groups(groups)
     group_of_row = batch.target_candidates[batch.row_ptr[:-1]] // batch.candidate_mask.shape[1]
-    sizes = torch.bincount(group_of_row)
-    assert sizes.max() > 3
-    monkeypatch.setattr(nat, "DEFAULT_TILE_ELEMENTS", V * 3)
-    monkeypatch.setattr(nat, "MAX_TILE_ELEMENTS", V * 1000)
-    assert nat.default_tile_elements(batch, V) == int(sizes.max()) * V
-    monkeypatch.setattr(nat, "MAX_TILE_ELEMENTS", V * 2)
-    assert nat.default_tile_elements(batch, V) == V * 3  # the cap never lowers the base default
-    monkeypatch.setattr(nat, "MAX_TILE_ELEMENTS", V * 4)
-    assert nat.default_tile_elements(batch, V) == V * 4
+    largest = int(torch.bincount(group_of_row).max())
+    assert largest > 3
+    assert nat.default_tile_elements(batch, V, base=V * 3, cap=V * 1000) == largest * V
+    assert nat.default_tile_elements(batch, V, base=V * 3, cap=V * 2) == V * 3  # the cap never lowers the base
+    assert nat.default_tile_elements(batch, V, base=V * 3, cap=V * 4) == V * 4
+    assert nat.default_tile_elements(batch, V * 10**6) == nat.MAX_TILE_ELEMENTS
+    assert nat.default_tile_elements(batch, V) == nat.DEFAULT_TILE_ELEMENTS  # largest * V is below the base
 
-    monkeypatch.setattr(nat, "MAX_TILE_ELEMENTS", V * 1000)
     seen = spy("sdpo_loss", lambda a, out: a[-1])
     h, w = leaves(num_tokens(batch), seed=5)
     ref = torch.randn(batch.candidate_mask.shape) - 6.0
     loss, _ = fused_sdpo_loss(h, w, batch, ref, sft_weight=0.1, backend="native")
     loss.backward()
     fused_sdpo_loss(h.detach(), w, batch, ref, backend="native", tile_elements=V * 5)
-    assert seen == [int(sizes.max()) * V, V * 5]  # an explicit tile_elements is taken as given
+    assert seen == [nat.default_tile_elements(batch, V), V * 5]
     h64, w64 = fp64_copies(h, w)
     naive_loss(naive_logps(h64, w64, groups, batch), ref.double(), batch, 1.0, 0.1).backward()
     torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_loss_path_follows_rows_weight_and_tile(monkeypatch, spy):
-    """Which kernel the loss runs: the plain op's (keeping all rows in the dW-shaped buffer) for a
-    trainable weight, at most D rows and more logits than the base tile, without a tile size;
-    projected for a frozen weight; otherwise the tiled kernel. Every case against fp64."""
+def test_the_path_decision():
+    """``loss_path`` (what path="auto" runs): the plain op's kernels (every row kept in the dW-shaped
+    buffer) for a trainable weight, at most D rows and more logits than the base tile, without a tile
+    size; projected for a frozen weight; otherwise the tiled kernel."""
+    base = V * 10  # a base tile of 10 rows
+    decide = lambda rows, frozen=False, tile_given=False: nat.loss_path(  # noqa: E731
+        rows, V, D, True, not frozen, tile_given, base_tile=base)
+    assert decide(30) == "whole_batch"
+    assert decide(30, frozen=True) == "whole_batch"
+    assert decide(30, tile_given=True) == "tiled"
+    assert decide(D + 1) == "tiled"
+    assert decide(10) == "tiled"  # fits the base tile
+    assert nat.loss_path(30, V, D, False, True, False, base_tile=base) == "whole_batch"  # dW only
+    assert nat.loss_path(D, V, D, True, True, False) == "tiled"  # at the real base tile
 
-    monkeypatch.setattr(nat, "DEFAULT_TILE_ELEMENTS", V * 10)  # base tile: 10 rows
+
+def test_each_path_runs_its_kernel_and_matches_fp64(spy):
+    """The ``path`` option runs the named kernel ("auto" follows loss_path: a frozen weight projects,
+    a given tile tiles), each against fp64."""
     seen = spy("logprobs_forward", lambda a, out: ("plain", a[6], a[10]))  # keep_in_grad, project
     spy("sdpo_loss", lambda a, out: ("tiled", a[-1]))
-    cases = {  # name: (groups, max_k, max_len, frozen, options)
-        "few-rows": (4, 6, 5, False, {}),
-        "frozen-weight": (4, 6, 5, True, {}),
-        "tile-given": (4, 6, 5, False, {"tile_elements": V * 4}),
-        "chunk-rows-given": (4, 6, 5, False, {"chunk_rows": 5}),
-        "more-rows-than-D": (12, 6, 5, False, {}),
-        "fits-the-base-tile": (1, 1, 2, False, {}),
+    cases = {  # name: (frozen, options, expected kernel call)
+        "whole-batch": (False, {"path": "whole_batch", "chunk_rows": 5}, ("plain", True, False)),
+        "tiled": (False, {"path": "tiled"}, None),
+        "tiled-with-a-tile": (False, {"path": "tiled", "tile_elements": V * 4}, ("tiled", V * 4)),
+        "auto-frozen-weight": (True, {}, ("plain", False, True)),
+        "auto-tile-given": (False, {"tile_elements": V * 6}, ("tiled", V * 6)),
+        "tiled-frozen-weight": (True, {"path": "tiled", "tile_elements": V * 6}, ("tiled", V * 6)),
     }
-    for name, (n_groups, max_k, max_len, frozen, opts) in cases.items():
-        groups = random_groups(10 + n_groups, n_groups=n_groups, max_k=max_k, max_len=max_len)
+    for i, (name, (frozen, opts, expected)) in enumerate(cases.items()):
+        groups = random_groups(10 + i, n_groups=4, max_k=6, max_len=5)
         batch = sdpo_fast.pack_groups(groups)
-        rows = batch.logit_rows.numel()
-        expected = {
-            "few-rows": ("plain", True, False),
-            "frozen-weight": ("plain", False, True),
-            "tile-given": ("tiled", V * 4),
-            "chunk-rows-given": ("tiled", V * 5),
-            "more-rows-than-D": ("tiled", nat.default_tile_elements(batch, V)),
-            "fits-the-base-tile": ("tiled", V * 10),
-        }[name]
-        assert (10 < rows <= D) if n_groups == 4 else (rows > D if n_groups == 12 else rows <= 10), (name, rows)
-        h, w = leaves(num_tokens(batch), seed=n_groups, frozen=frozen)
+        if expected is None:
+            expected = ("tiled", nat.default_tile_elements(batch, V))
+        h, w = leaves(num_tokens(batch), seed=i, frozen=frozen)
         ref = torch.randn(batch.candidate_mask.shape) - 6.0
         seen.clear()
         loss, metrics = fused_sdpo_loss(h, w, batch, ref, sft_weight=0.2, backend="native", **opts)
@@ -116,6 +119,17 @@ def test_loss_path_follows_rows_weight_and_tile(monkeypatch, spy):
         torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
         if not frozen:
             torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_path_options_are_checked():
+    groups = random_groups(3)
+    batch = sdpo_fast.pack_groups(groups)
+    h, w = leaves(num_tokens(batch), seed=3)
+    ref = torch.zeros(batch.candidate_mask.shape)
+    with pytest.raises(ValueError, match="path must be one of"):
+        fused_sdpo_loss(h, w, batch, ref, backend="native", path="fast")
+    with pytest.raises(ValueError, match="whole_batch path takes no tile"):
+        fused_sdpo_loss(h, w, batch, ref, backend="native", path="whole_batch", tile_elements=V)
 
 
 @pytest.mark.parametrize("chunk_rows", [None, 3])
@@ -140,7 +154,7 @@ def test_frozen_weight_both_ops(chunk_rows):
     torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_frozen_hidden_and_3d_hidden(loss_tile):
+def test_frozen_hidden_and_3d_hidden(loss_opts):
     """Only dW wanted (hidden without grad), hidden given as [R, L, D]."""
     groups = random_groups(7)
     batch = sdpo_fast.pack_groups(groups, max_tokens_per_row=30)
@@ -149,7 +163,7 @@ def test_frozen_hidden_and_3d_hidden(loss_tile):
     h = h.detach().view(R, L, D)
     h64, w64 = fp64_copies(h.view(R * L, D), w)
     ref = torch.randn(batch.candidate_mask.shape) - 6.0
-    loss, _ = fused_sdpo_loss(h, w, batch, ref, backend="native", tile_elements=loss_tile)
+    loss, _ = fused_sdpo_loss(h, w, batch, ref, backend="native", **loss_opts)
     loss.backward()
     naive_loss(naive_logps(h64, w64, groups, batch), ref.double(), batch, 1.0, 0.0).backward()
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
@@ -172,7 +186,7 @@ def test_frozen_hidden_and_3d_hidden(loss_tile):
 
 
 @pytest.mark.parametrize("sft_weight", [0.0, 0.4])
-def test_shared_rows_and_repeated_tokens(sft_weight, loss_tile):
+def test_shared_rows_and_repeated_tokens(sft_weight, loss_opts):
     """Candidates of one token (every target on the prompt's shared last row), repeated first tokens
     and identical candidates; with sft_weight 0 the shared row's summed dL/dlogp is exactly 0."""
     groups = [
@@ -184,7 +198,7 @@ def test_shared_rows_and_repeated_tokens(sft_weight, loss_tile):
     h, w = leaves(num_tokens(batch), seed=3)
     ref = torch.randn(batch.candidate_mask.shape) - 6.0
     loss, metrics = fused_sdpo_loss(h, w, batch, ref, sft_weight=sft_weight, backend="native",
-                                    tile_elements=loss_tile)
+                                    **loss_opts)
     loss.backward()
     h64, w64 = fp64_copies(h, w)
     logps64 = naive_logps(h64, w64, groups, batch)
@@ -194,7 +208,7 @@ def test_shared_rows_and_repeated_tokens(sft_weight, loss_tile):
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_confident_and_extreme_logits(loss_tile):
+def test_confident_and_extreme_logits(loss_opts):
     """Logits spanning hundreds of nats (exp underflow) and p(target) ~ 1: (p - 1) must not cancel."""
     groups = random_groups(4, n_groups=3, max_len=2)
     batch = sdpo_fast.pack_groups(groups)
@@ -203,7 +217,7 @@ def test_confident_and_extreme_logits(loss_tile):
         rows = batch.logit_rows.index_select(0, batch.target_rows)
         h[rows] += 0.5 * w[batch.target_ids]
     ref = torch.randn(batch.candidate_mask.shape) - 2.0
-    loss, metrics = fused_sdpo_loss(h, w, batch, ref, sft_weight=0.3, backend="native", tile_elements=loss_tile)
+    loss, metrics = fused_sdpo_loss(h, w, batch, ref, sft_weight=0.3, backend="native", **loss_opts)
     loss.backward()
     h64, w64 = fp64_copies(h, w)
     logps64 = naive_logps(h64, w64, groups, batch)

@@ -11,7 +11,8 @@ gradient (``keep_in_grad``, when the weight needs a gradient), plus ``keep_eleme
 accumulates ``softmax(logits) @ weight`` ``[rows, D]`` on the cache-hot blocks, and the backward forms
 dHidden from it without any logits (two GEMMs in all).
 
-``fused_loss`` (the S-DPO loss) picks one of two paths, in ``loss_path``:
+``fused_loss`` (the S-DPO loss) runs one of two paths: the option ``path`` names it, and its default
+``"auto"`` leaves the choice to ``loss_path``:
   * ``"tiled"``: the C++ ``sdpo_loss`` kernel on logits tiles of ``tile_elements`` fp32 values. Every
     group whose logit rows fit a tile is scored in it and the tile is reused for the gradients (three
     GEMMs); larger groups recompute their logits (four GEMMs). The default tile is ``2**23`` (32 MiB),
@@ -20,9 +21,10 @@ dHidden from it without any logits (two GEMMs in all).
     tile loop is ``group_loss_grad`` in ``csrc/sdpo_loss.cpp``, the C++ mirror of
     ``sdpo_fast.loss.group_loss_and_grad`` (a test holds the two together).
   * ``"whole_batch"``: the plain op's kernels over all rows at once (the generic forward -> loss ->
-    backward of the loss driver): for a frozen weight (the projected forward: dHidden without logits),
-    and, unless a tile size is given, for a batch of at most D logit rows with a trainable weight whose
-    logits exceed the base tile (all of them kept in the buffer that becomes dW: no tile, no recompute).
+    backward of the loss driver, ``chunk_rows`` rows per recompute GEMM): for a frozen weight (the
+    projected forward: dHidden without logits), and, unless a tile size is given, for a batch of at
+    most D logit rows with a trainable weight whose logits exceed the base tile (all of them kept in
+    the buffer that becomes dW: no tile, no recompute).
     The measurements behind the thresholds: ``benchmarks/results/design_measurements.md``.
 bf16/fp16 inputs are computed in fp32 (``weight`` is converted once per call: ``V * D * 4`` bytes).
 
@@ -63,14 +65,17 @@ class Options:
                                 doc="keep min(rows, D) rows in the buffer that becomes dW")
     block: int = option(DEFAULT_BLOCK, check="int>=1", ops=("logprobs",), doc="vocabulary columns per block")
     chunk_rows: int | None = option(None, check="int>=1|None",
-                                    doc="logprobs / whole-batch loss: recomputed rows per GEMM (default "
-                                        "2**20 // block); tiled loss: tile = chunk_rows * V")
+                                    doc="recomputed logit rows per GEMM of the plain op (and of the "
+                                        "whole-batch loss path); default 2**20 // block")
     tile_elements: int | None = option(None, check="int>=1|None", ops=("sdpo_loss",),
-                                       doc="fp32 logits per loss tile (default: default_tile_elements)")
+                                       doc="fp32 logits per tile of the tiled loss path (default: "
+                                           "default_tile_elements); giving it selects that path under 'auto'")
+    path: str = option("auto", check="choice:auto,tiled,whole_batch", ops=("sdpo_loss",),
+                       doc="the loss path: 'auto' (loss_path decides), 'tiled' or 'whole_batch'")
 
     def check(self, op: str, given: set) -> None:
-        if op == "sdpo_loss" and {"tile_elements", "chunk_rows"} <= given:
-            raise OptionError("give tile_elements or chunk_rows, not both")
+        if self.path == "whole_batch" and "tile_elements" in given:
+            raise OptionError("tile_elements sizes the tiled loss path; the whole_batch path takes no tile")
 
 
 def _check_device(hidden: torch.Tensor, weight: torch.Tensor):
@@ -137,36 +142,38 @@ def backward(hidden, weight, batch, state: _State, grad_logps, need_h: bool, nee
     return dhidden, (dw.to(weight.dtype) if need_w else None)
 
 
-def default_tile_elements(batch, vocab: int) -> int:
-    """The S-DPO loss's default tile: ``DEFAULT_TILE_ELEMENTS``, or the largest group's ``rows * vocab``
-    when that is more (so it is scored without recompute), at most ``MAX_TILE_ELEMENTS``."""
+def default_tile_elements(batch, vocab: int, base: int = DEFAULT_TILE_ELEMENTS, cap: int = MAX_TILE_ELEMENTS) -> int:
+    """The S-DPO loss's default tile: ``base``, or the largest group's ``rows * vocab`` when that is
+    more (so it is scored without recompute), at most ``cap``."""
     largest = max((r1 - r0 for r0, r1, _, _ in batch.group_rows), default=0)
     if largest == 0:
-        return DEFAULT_TILE_ELEMENTS
-    return max(DEFAULT_TILE_ELEMENTS, min(largest * vocab, MAX_TILE_ELEMENTS))
+        return base
+    return max(base, min(largest * vocab, cap))
 
 
-def loss_path(rows: int, vocab: int, dim: int, need_h: bool, need_w: bool, tile_given: bool) -> str:
-    """``"whole_batch"`` or ``"tiled"`` (module docstring): the native loss's one path decision. A batch
-    whose logits fit the base tile takes the tiled kernel (one tile, fewer passes)."""
+def loss_path(rows: int, vocab: int, dim: int, need_h: bool, need_w: bool, tile_given: bool,
+              base_tile: int = DEFAULT_TILE_ELEMENTS) -> str:
+    """``"whole_batch"`` or ``"tiled"`` (module docstring): the native loss's one path decision under
+    ``path="auto"``. A batch whose logits fit the base tile takes the tiled kernel (one tile, fewer
+    passes)."""
     if need_h and not need_w:
         return "whole_batch"
-    if need_w and not tile_given and rows <= dim and rows * vocab > DEFAULT_TILE_ELEMENTS:
+    if need_w and not tile_given and rows <= dim and rows * vocab > base_tile:
         return "whole_batch"
     return "tiled"
 
 
 def fused_loss(hidden, weight, batch, loss, need_h: bool, need_w: bool, opts: Options):
-    """Contract ``fused_loss``: the tiled C++ kernel, or None for the whole-batch path (``loss_path``)."""
+    """Contract ``fused_loss``: the tiled C++ kernel, or None for the whole-batch path (``opts.path``;
+    ``loss_path`` decides under ``"auto"``)."""
     vocab, dim = weight.shape
-    if opts.chunk_rows is not None and opts.tile_elements is None:
-        tile = opts.chunk_rows * vocab
-    else:
-        tile = opts.tile_elements if opts.tile_elements is not None else default_tile_elements(batch, vocab)
+    tile = opts.tile_elements if opts.tile_elements is not None else default_tile_elements(batch, vocab)
     if bool((batch.candidate_lens[:, 0] < 1).any()):
         raise ValueError("every group needs a chosen candidate (column 0) with at least one token")
-    tile_given = opts.tile_elements is not None or opts.chunk_rows is not None
-    if loss_path(batch.logit_rows.numel(), vocab, dim, need_h, need_w, tile_given) == "whole_batch":
+    path = opts.path
+    if path == "auto":
+        path = loss_path(batch.logit_rows.numel(), vocab, dim, need_h, need_w, opts.tile_elements is not None)
+    if path == "whole_batch":
         return None
     _check_device(hidden, weight)
     # the kernel gathers the logit rows tile by tile: no [rows, D] fp32 copy of them is held
