@@ -141,23 +141,27 @@ def _fused_case(seed):
 
 
 def _backend_params():
-    out = [pytest.param("torch", {}, id="torch"),
-           pytest.param("native", {}, id="native"),
-           pytest.param("native", {"tile_elements": 1}, id="native-recompute")]
+    out = [pytest.param("cpu", "torch", {}, id="torch"),
+           pytest.param("cpu", "native", {}, id="native"),
+           pytest.param("cpu", "native", {"tile_elements": 1}, id="native-recompute"),
+           pytest.param("cuda", "cublas", {}, id="cuda-cublas", marks=pytest.mark.gpu),
+           pytest.param("cuda", "triton", {}, id="cuda-triton", marks=pytest.mark.gpu)]
     try:
         import sdpo_fast.kernels.logprobs.triton  # noqa: F401
-        out.append(pytest.param("triton", dict(block_m=16, block_v=32, block_d=16, block_t=16), id="triton-interp"))
+        out.append(pytest.param("cpu", "triton", dict(block_m=16, block_v=32, block_d=16, block_t=16),
+                                id="triton-interp"))
     except Exception:  # no triton: the case is absent, as in test_triton_logprobs.py
         pass
     return out
 
 
-@pytest.mark.parametrize("backend,opts", _backend_params())
+@pytest.mark.parametrize("device,backend,opts", _backend_params())
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_fused_loss_every_backend_matches_fp64(loss_type, backend, opts):
+def test_fused_loss_every_backend_matches_fp64(loss_type, device, backend, opts):
     if backend not in backends.available("sdpo_loss"):
         pytest.skip(f"{backend} backend unavailable here")
     groups, batch, hidden, weight, ref = _fused_case(7)
+    batch, hidden, weight, ref = batch.to(device), hidden.to(device), weight.to(device), ref.to(device)
     beta, sft = 0.7, 0.2
     h = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
@@ -176,7 +180,7 @@ def test_fused_loss_every_backend_matches_fp64(loss_type, backend, opts):
     m = batch.candidate_mask
     want_w = sdpo_metrics(logps64[:, 0].detach(), logps64[:, 1:].detach(), ref[:, 0], ref[:, 1:], beta, m[:, 1:],
                           loss_type=loss_type)["weights"]
-    torch.testing.assert_close(metrics["weights"], want_w, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(metrics["weights"], want_w.to(device), rtol=1e-4, atol=1e-5)
 
 
 def test_loss_types_differ_on_the_same_batch():
