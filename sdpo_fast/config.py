@@ -265,7 +265,7 @@ def validate(model_args: ModelArguments, data_args: DataArguments, train_args: T
     if data_args.num_negatives < 1 and train_args.stage != "sft":
         problems.append(f"--num_negatives must be >= 1 for S-DPO, got {data_args.num_negatives}")
     if data_args.negatives not in NEGATIVES:
-        problems.append(f"--negatives must be {', '.join(NEGATIVES)}, got {data_args.negatives!r}")
+        problems.append(f"--negatives must be one of {', '.join(NEGATIVES)}, got {data_args.negatives!r}")
     if train_args.loss_type not in LOSS_TYPES:
         problems.append(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {train_args.loss_type!r}")
     if train_args.reference not in ("precompute", "live"):

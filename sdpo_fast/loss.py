@@ -123,7 +123,9 @@ def _dpo_pairs(r_w, r_j, mask, beta, p_w, p_j):
 @torch.no_grad()
 def dynamic_betas(p_w, p_j, mask):
     """DynamicPO's per-negative beta factors ``f [G, K]`` (beta_j = beta * f_j; 0 off the boundary set)
-    from policy sequence log-probs ``p_w [G]``, ``p_j [G, K]`` (``_dynamic`` gives the formula)."""
+    from policy sequence log-probs ``p_w [G]``, ``p_j [G, K]`` (the formula: module docstring)."""
+    if p_j.shape[1] == 0:
+        return p_j.new_zeros(p_j.shape)
     p_j = p_j.masked_fill(~mask, float("-inf"))
     boundary = mask & (p_j >= p_w[:, None])
     top = mask & (p_j == p_j.amax(1, keepdim=True))

@@ -111,6 +111,16 @@ def test_dynamic_uses_the_boundary_negatives_only():
     torch.testing.assert_close(pc.grad, -pr.grad.sum(1))
 
 
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_no_negative_columns_at_all(loss_type):
+    """C = 1 (the SFT batch shape): every type gives 0 and no gradient."""
+    pc = torch.tensor([-3.0, -4.0], requires_grad=True)
+    empty = torch.zeros(2, 0)
+    loss = sdpo_loss(pc, empty, torch.zeros(2), empty, loss_type=loss_type)
+    loss.backward()
+    assert loss.item() == 0 and (pc.grad == 0).all()
+
+
 def test_bad_loss_type():
     (pc, pr, rc, rr), mask = _inputs(0)
     with pytest.raises(ValueError, match="loss_type must be one of sdpo, dmpo, dpo_pairs, dynamic"):
@@ -197,7 +207,7 @@ def test_loss_types_differ_on_the_same_batch():
 
 @pytest.mark.parametrize("args, message", [
     (["--loss_type", "ipo"], "error: --loss_type must be one of sdpo, dmpo, dpo_pairs, dynamic, got 'ipo'"),
-    (["--negatives", "top"], "error: --negatives must be random, hard, boundary, got 'top'"),
+    (["--negatives", "top"], "error: --negatives must be one of random, hard, boundary, got 'top'"),
 ])
 def test_train_rejects_a_bad_loss_type_or_negatives_in_process(tmp_path, capsys, args, message):
     """As tests/test_train.py's config errors: ``main(argv)`` in this process, one stderr line, status 2."""
