@@ -15,9 +15,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "kept_b, u) -> (dh, dw)");
   m.def("sdpo_loss", &sdpo_native::sdpo_loss,
         "(hidden, logit_rows, w, row_ptr, target_ids, target_candidates, group_row_ptr, ref_logps, mask, lens, beta, "
-        "sft_weight, "
-        "need_h, need_w, tile_elements) -> (loss_g, logps, dhidden, dw)");
+        "sft_weight, loss_type, need_h, need_w, tile_elements) -> (loss_g, logps, dhidden, dw)");
   m.def("group_loss", &sdpo_native::group_loss,
-        "(logps, ref_logps, mask, lens, beta, sft_weight) -> (loss_g, grad): group_loss_grad, the C++ mirror of "
+        "(logps, ref_logps, mask, lens, beta, sft_weight, loss_type) -> (loss_g, grad): group_loss_grad, the C++ mirror of "
         "sdpo_fast.loss.group_loss_and_grad, over every group");
 }

@@ -76,15 +76,15 @@ std::vector<at::Tensor> sdpo_loss(const at::Tensor& hidden, const at::Tensor& lo
                                   const at::Tensor& row_ptr, const at::Tensor& target_ids,
                                   const at::Tensor& target_cands, const at::Tensor& group_row_ptr,
                                   const at::Tensor& ref_logps, const at::Tensor& cand_mask,
-                                  const at::Tensor& cand_lens, double beta, double sft_weight, bool need_h,
-                                  bool need_w, int64_t tile_elements);
+                                  const at::Tensor& cand_lens, double beta, double sft_weight, int64_t loss_type,
+                                  bool need_h, bool need_w, int64_t tile_elements);
 
 std::vector<at::Tensor> group_loss(const at::Tensor& logps, const at::Tensor& ref_logps, const at::Tensor& cand_mask,
-                                   const at::Tensor& cand_lens, double beta, double sft_weight);
+                                   const at::Tensor& cand_lens, double beta, double sft_weight, int64_t loss_type);
 
 // Loss and dloss/dlogp of one group in double: the C++ mirror of sdpo_fast.loss.group_loss_and_grad
 // (tests/test_loss_mirror.py holds the two together). Defined in sdpo_loss.cpp.
 float group_loss_grad(const float* logp, const float* ref, const bool* mask, const int64_t* lens, int64_t C,
-                      double beta, double sft_weight, float* grad);
+                      double beta, double sft_weight, int64_t loss_type, float* grad);
 
 }  // namespace sdpo_native

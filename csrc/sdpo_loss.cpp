@@ -171,31 +171,105 @@ void recompute_backward(const Layout& L, const HiddenRows& src, const at::Tensor
 // ---- op "sdpo_loss" ------------------------------------------------------------------------------
 
 // Loss and dloss/dlogp of one group in double: the mirror of sdpo_fast.loss.group_loss_and_grad
-// (common.h; tests/test_loss_mirror.py holds the two together).
-float group_loss_grad(const float* logp, const float* ref, const bool* mask, const int64_t* lens, int64_t C,
-                      double beta, double sft_weight, float* grad) {
-  const double r_w = static_cast<double>(logp[0]) - ref[0];
-  std::vector<double> z(C, 0.0);
-  double m = 0.0;  // the constant 0 term of logsumexp([0, z_1..z_K])
+// (common.h; tests/test_loss_mirror.py holds the two together). loss_type is the position in
+// sdpo_fast.loss.LOSS_TYPES: 0 sdpo, 1 dmpo, 2 dpo_pairs, 3 dynamic (formulas: sdpo_fast/loss.py's
+// docstring). Each type writes w_j (dL/dlogp_j = beta * w_j, dL/dlogp_w = -beta * sum_j w_j) and
+// returns the preference loss; a group without real negatives gives 0 for every type.
+namespace {
+constexpr double kDynamicMargin = 6.0;  // sdpo_fast.loss.DYNAMIC_MARGIN
+
+double sigmoid(double x) { return x >= 0 ? 1.0 / (1.0 + std::exp(-x)) : std::exp(x) / (1.0 + std::exp(x)); }
+double neg_log_sigmoid(double x) { return x >= 0 ? std::log1p(std::exp(-x)) : -x + std::log1p(std::exp(x)); }
+
+double preference_loss(const float* logp, const bool* mask, const std::vector<double>& r, int64_t C, double beta,
+                       int64_t loss_type, std::vector<double>& w) {
+  const double r_w = r[0];
+  int64_t K = 0;
+  for (int64_t j = 1; j < C; ++j) K += mask[j] ? 1 : 0;
+  if (K == 0) return 0.0;
+  if (loss_type == 0) {  // sdpo: logsumexp([0, z_1..z_K])
+    double m = 0.0;
+    for (int64_t j = 1; j < C; ++j) {
+      if (mask[j]) m = std::max(m, beta * (r[j] - r_w));
+    }
+    double s = std::exp(-m);
+    for (int64_t j = 1; j < C; ++j) {
+      if (mask[j]) s += std::exp(beta * (r[j] - r_w) - m);
+    }
+    const double lse = m + std::log(s);
+    for (int64_t j = 1; j < C; ++j) w[j] = mask[j] ? std::exp(beta * (r[j] - r_w) - lse) : 0.0;
+    return lse;
+  }
+  if (loss_type == 1) {  // dmpo
+    double mean = 0.0;
+    for (int64_t j = 1; j < C; ++j) mean += mask[j] ? r[j] : 0.0;
+    const double u = beta * (r_w - mean / K);
+    for (int64_t j = 1; j < C; ++j) w[j] = mask[j] ? sigmoid(-u) / K : 0.0;
+    return neg_log_sigmoid(u);
+  }
+  if (loss_type == 2) {  // dpo_pairs
+    double loss = 0.0;
+    for (int64_t j = 1; j < C; ++j) {
+      if (!mask[j]) continue;
+      const double d = beta * (r_w - r[j]);
+      loss += neg_log_sigmoid(d);
+      w[j] = sigmoid(-d) / K;
+    }
+    return loss / K;
+  }
+  TORCH_CHECK(loss_type == 3, "native backend: unknown loss_type code ", loss_type);
+  // dynamic (DynamicPO): boundary set B from the policy log-probs, per-negative beta factors f_j
+  const float p_w = logp[0];
+  std::vector<char> in_b(C, 0), in_d(C, 0);
+  int64_t k = 0;
+  float top = -INFINITY;
   for (int64_t j = 1; j < C; ++j) {
     if (!mask[j]) continue;
-    z[j] = beta * ((static_cast<double>(logp[j]) - ref[j]) - r_w);
-    m = std::max(m, z[j]);
+    top = std::max(top, logp[j]);
+    if (logp[j] >= p_w) in_b[j] = 1, ++k;
   }
-  double s = std::exp(-m);
+  if (k == 0) {
+    for (int64_t j = 1; j < C; ++j) {
+      if (mask[j] && logp[j] == top) in_b[j] = 1, ++k;
+    }
+  }
+  int64_t n_d = 0;
   for (int64_t j = 1; j < C; ++j) {
-    if (mask[j]) s += std::exp(z[j] - m);
+    in_d[j] = mask[j] && !in_b[j];
+    n_d += in_d[j];
   }
-  const double lse = m + std::log(s);
+  if (n_d == 0) in_d = in_b, n_d = k;
+  double m_d = 0.0;
+  for (int64_t j = 1; j < C; ++j) m_d += in_d[j] ? static_cast<double>(logp[j]) : 0.0;
+  m_d /= n_d;
+  std::vector<double> f(C, 0.0);
+  double u = 0.0;
+  for (int64_t j = 1; j < C; ++j) {
+    if (!in_b[j]) continue;
+    const double d1 = static_cast<double>(p_w) - logp[j], d2 = logp[j] - m_d, den = std::abs(d1) + std::abs(d2);
+    f[j] = 1.0 + 0.5 * (den > 0 ? std::tanh((d1 - d2 - kDynamicMargin) / den) : -1.0);
+    u += f[j] * (r_w - r[j]);
+  }
+  u = beta * u / k;
+  for (int64_t j = 1; j < C; ++j) w[j] = sigmoid(-u) * f[j] / k;
+  return neg_log_sigmoid(u);
+}
+}  // namespace
+
+float group_loss_grad(const float* logp, const float* ref, const bool* mask, const int64_t* lens, int64_t C,
+                      double beta, double sft_weight, int64_t loss_type, float* grad) {
+  std::vector<double> r(C, 0.0), w(C, 0.0);
+  for (int64_t j = 0; j < C; ++j) r[j] = mask[j] ? static_cast<double>(logp[j]) - ref[j] : 0.0;
+  r[0] = static_cast<double>(logp[0]) - ref[0];
+  const double loss = preference_loss(logp, mask, r, C, beta, loss_type, w);
   const double len_w = static_cast<double>(lens[0]);
-  double s_tot = 0.0;
+  double w_tot = 0.0;
   for (int64_t j = 1; j < C; ++j) {
-    const double sj = mask[j] ? std::exp(z[j] - lse) : 0.0;
-    grad[j] = static_cast<float>(beta * sj);
-    s_tot += sj;
+    grad[j] = static_cast<float>(beta * w[j]);
+    w_tot += w[j];
   }
-  grad[0] = static_cast<float>(-beta * s_tot - sft_weight / len_w);
-  return static_cast<float>(lse - sft_weight * logp[0] / len_w);
+  grad[0] = static_cast<float>(-beta * w_tot - sft_weight / len_w);
+  return static_cast<float>(loss - sft_weight * logp[0] / len_w);
 }
 
 // Returns (loss_g [G], logps [G, C], dhidden [T, D] in hidden's dtype | undefined, dw [V, D] fp32 |
@@ -206,8 +280,8 @@ std::vector<at::Tensor> sdpo_loss(const at::Tensor& hidden, const at::Tensor& lo
                                   const at::Tensor& row_ptr, const at::Tensor& target_ids,
                                   const at::Tensor& target_cands, const at::Tensor& group_row_ptr,
                                   const at::Tensor& ref_logps, const at::Tensor& cand_mask,
-                                  const at::Tensor& cand_lens, double beta, double sft_weight, bool need_h,
-                                  bool need_w, int64_t tile_elements) {
+                                  const at::Tensor& cand_lens, double beta, double sft_weight, int64_t loss_type,
+                                  bool need_h, bool need_w, int64_t tile_elements) {
   TORCH_CHECK(hidden.device().is_cpu() && hidden.is_floating_point() && hidden.dim() == 2 && hidden.is_contiguous(),
               "native backend: hidden must be a contiguous floating [T, D] CPU tensor");
   TORCH_CHECK(logit_rows.scalar_type() == at::kLong && logit_rows.dim() == 1 && logit_rows.is_contiguous(),
@@ -269,7 +343,8 @@ std::vector<at::Tensor> sdpo_loss(const at::Tensor& hidden, const at::Tensor& lo
     for (int64_t t = L.row_ptr[b.r0]; t < L.row_ptr[b.r1]; ++t) lp[L.target_cands[t]] += tk[t];
     for (int64_t g = b.first; g < b.last; ++g) {
       TORCH_CHECK(mk[g * C] && ln[g * C] >= 1, "native backend: group ", g, " has no chosen candidate");
-      ls[g] = group_loss_grad(lp + g * C, rf + g * C, mk + g * C, ln + g * C, C, beta, sft_weight, gr + g * C);
+      ls[g] = group_loss_grad(lp + g * C, rf + g * C, mk + g * C, ln + g * C, C, beta, sft_weight, loss_type,
+                              gr + g * C);
     }
     for (int64_t t = L.row_ptr[b.r0]; t < L.row_ptr[b.r1]; ++t) gt[t] = gr[L.target_cands[t]];
   };
@@ -309,7 +384,7 @@ std::vector<at::Tensor> sdpo_loss(const at::Tensor& hidden, const at::Tensor& lo
 // group_loss_grad over every group of [G, C] fp32 log-probs: (loss_g [G], grad [G, C]). For the test
 // that holds the mirror to sdpo_fast.loss.group_loss_and_grad; the op itself calls it per tile.
 std::vector<at::Tensor> group_loss(const at::Tensor& logps, const at::Tensor& ref_logps, const at::Tensor& cand_mask,
-                                   const at::Tensor& cand_lens, double beta, double sft_weight) {
+                                   const at::Tensor& cand_lens, double beta, double sft_weight, int64_t loss_type) {
   TORCH_CHECK(logps.dim() == 2 && ref_logps.sizes() == logps.sizes() && cand_mask.sizes() == logps.sizes() &&
                   cand_lens.sizes() == logps.sizes(), "native backend: logps, ref, mask, lens must all be [G, C]");
   const at::Tensor lp = logps.to(at::kFloat).contiguous(), ref = ref_logps.to(at::kFloat).contiguous();
@@ -319,7 +394,7 @@ std::vector<at::Tensor> group_loss(const at::Tensor& logps, const at::Tensor& re
   for (int64_t g = 0; g < G; ++g) {
     loss.data_ptr<float>()[g] = group_loss_grad(lp.data_ptr<float>() + g * C, ref.data_ptr<float>() + g * C,
                                                 mask.data_ptr<bool>() + g * C, lens.data_ptr<int64_t>() + g * C, C,
-                                                beta, sft_weight, grad.data_ptr<float>() + g * C);
+                                                beta, sft_weight, loss_type, grad.data_ptr<float>() + g * C);
   }
   return {loss, grad};
 }

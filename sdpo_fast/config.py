@@ -18,9 +18,11 @@ from dataclasses import dataclass, field, fields
 from transformers import HfArgumentParser
 
 from . import backends
+from .data.negatives import NEGATIVES
 from .errors import UserError
 from .kernels.options import OPS
 from .kernels.options import resolve as resolve_options
+from .loss import LOSS_TYPES
 
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -60,7 +62,11 @@ class DataArguments:
     titles_path: str | None = field(default=None, metadata={"help": "Goodreads: book titles file"})
     data_seed: int = 0
     num_negatives: int = field(default=7, metadata={"help": "K negatives per group in S-DPO (dpo stage: 1)"})
-    negatives: str = field(default="random", metadata={"help": "random | hard (the policy's top-scored)"})
+    negatives: str = field(
+        default="random",
+        metadata={"help": "random (redrawn each epoch) | hard (the policy's top-scored) | boundary (scored by the policy "
+                          "at least as high as the chosen item, topped up at random)"},
+    )
     max_prompt_tokens: int = 512
     max_train_examples: int | None = field(
         default=None, metadata={"help": "training EXAMPLES used: a seeded sample spread over users (--data_seed; default: all)"}
@@ -94,6 +100,9 @@ class TrainArguments:
     batch_size: int = field(default=16, metadata={"help": "groups per optimizer step on each rank"})
     beta: float = 1.0
     sft_weight: float = field(default=0.0, metadata={"help": "extra SFT term in S-DPO (chosen's mean token NLL)"})
+    loss_type: str = field(
+        default="sdpo", metadata={"help": "sdpo | dmpo | dpo_pairs | dynamic: the multi-negative loss (README, Loss types)"}
+    )
     reference: str = field(
         default="precompute",
         metadata={"help": "precompute (one pass before S-DPO, cached) | live (LoRA: adapters disabled)"},
@@ -255,8 +264,10 @@ def validate(model_args: ModelArguments, data_args: DataArguments, train_args: T
         data_args.num_negatives = 1
     if data_args.num_negatives < 1 and train_args.stage != "sft":
         problems.append(f"--num_negatives must be >= 1 for S-DPO, got {data_args.num_negatives}")
-    if data_args.negatives not in ("random", "hard"):
-        problems.append(f"--negatives must be random or hard, got {data_args.negatives!r}")
+    if data_args.negatives not in NEGATIVES:
+        problems.append(f"--negatives must be one of {', '.join(NEGATIVES)}, got {data_args.negatives!r}")
+    if train_args.loss_type not in LOSS_TYPES:
+        problems.append(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {train_args.loss_type!r}")
     if train_args.reference not in ("precompute", "live"):
         problems.append(f"--reference must be precompute or live, got {train_args.reference!r}")
     if train_args.reference == "live" and not (model_args.lora and train_args.stage in ("sdpo", "dpo")):

@@ -152,6 +152,7 @@ def candidate_sdpo_loss(
     reduction: str = "mean",
     backend: str = "auto",
     options: dict | None = None,
+    loss_type: str = "sdpo",
 ):
     """``fused_sdpo_loss`` on the model's packed forward: the training loss of one S-DPO step.
 
@@ -159,7 +160,8 @@ def candidate_sdpo_loss(
         model, batch, backend: as for ``candidate_logprobs``; options: the loss backend's tuning knobs
             (``fused_sdpo_loss``'s options), or None.
         ref_logps: ``[G, C]`` reference log-probs (``candidate_logprobs`` of the reference model).
-        beta, sft_weight, reduction: as for ``sdpo_fast.loss.fused_sdpo_loss``.
+        beta, sft_weight, reduction, loss_type: as for ``sdpo_fast.loss.fused_sdpo_loss`` (``loss_type``:
+            ``"sdpo"``, ``"dmpo"``, ``"dpo_pairs"`` or ``"dynamic"``).
 
     Returns:
         ``(loss, metrics)`` as ``fused_sdpo_loss``.
@@ -169,7 +171,7 @@ def candidate_sdpo_loss(
 
     def loss_of(h, w):
         return fused_sdpo_loss(h, w, batch, ref_logps, beta=beta, sft_weight=sft_weight, reduction=reduction,
-                               backend=backend, **(options or {}))
+                               backend=backend, loss_type=loss_type, **(options or {}))
 
     return _run(model, lm, lambda: _through_lm_head(lm, loss_of, _final_hidden(lm, batch, backend)))
 

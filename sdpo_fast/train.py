@@ -223,7 +223,7 @@ def run_stage(stage, runtime, tokenizer, train_ds, data_args, train_args, log, s
         max_positions=getattr(lm_config, "max_position_embeddings", None),
         backend=train_args.backend,
     )
-    if sdpo and data_args.negatives == "hard":
+    if sdpo and data_args.negatives in ("hard", "boundary"):
         collator.set_policy(runtime.model)
     B, W, r = train_args.batch_size, world_size(), rank()
     n = len(train_ds)
@@ -266,6 +266,7 @@ def run_stage(stage, runtime, tokenizer, train_ds, data_args, train_args, log, s
             loss, metrics = candidate_sdpo_loss(
                 runtime.model, packed, ref, beta=beta, sft_weight=sft_weight, backend=train_args.backend,
                 options=(train_args.backend_options or {}).get("sdpo_loss"),
+                loss_type=train_args.loss_type if sdpo else "sdpo",
             )
             lr_now = schedule(step)
             loss_value = loss.item()

@@ -78,3 +78,57 @@ def dense_attention(q, k, v, batch, scaling, dtype=torch.float64):
                                        enable_gqa=q.shape[1] != k.shape[1])
     real = (batch.group_ids >= 0)[:, :, None, None]
     return o.transpose(1, 2) * real
+
+
+def _neg_log_sigmoid(x):
+    return -F.logsigmoid(x)
+
+
+def naive_family(pc, pr, rc, rr, beta, mask, loss_type):
+    """``[G]`` fp64 loss of each multi-negative ``loss_type`` by its direct formula, group by group over
+    the real negatives (``mask`` ``[G, K]`` bool, None = all), differentiable in the policy log-probs.
+
+    sdpo: -log sigmoid(-log sum_j exp(beta (r_j - r_w))); dmpo: -log sigmoid(beta r_w - beta/K sum_j r_j);
+    dpo_pairs: 1/K sum_j -log sigmoid(beta (r_w - r_j)); dynamic (DynamicPO): boundary set B = {j: p_j >=
+    p_w} (p: policy log-probs; else the top-scored negatives), D the other real negatives (else B), m the
+    mean p over D, beta_j = beta (1 + tanh((d1 - d2 - 6) / (|d1| + |d2|)) / 2) with d1 = p_w - p_j,
+    d2 = p_j - m, as plain floats (no gradient), loss -log sigmoid(1/|B| sum_{j in B} beta_j (r_w - r_j)).
+    A group without real negatives gives 0."""
+    G, K = pr.shape
+    out = []
+    for g in range(G):
+        real = [j for j in range(K) if mask is None or bool(mask[g, j])]
+        if not real:
+            out.append(torch.zeros((), dtype=torch.float64, device=pc.device))
+            continue
+        r_w = pc[g].double() - rc[g].double()
+        r = {j: pr[g, j].double() - rr[g, j].double() for j in real}
+        if loss_type == "sdpo":
+            x = -torch.log(sum(torch.exp(beta * (r[j] - r_w)) for j in real))
+            out.append(_neg_log_sigmoid(x))
+        elif loss_type == "dmpo":
+            out.append(_neg_log_sigmoid(beta * r_w - beta / len(real) * sum(r[j] for j in real)))
+        elif loss_type == "dpo_pairs":
+            out.append(sum(_neg_log_sigmoid(beta * (r_w - r[j])) for j in real) / len(real))
+        elif loss_type == "dynamic":
+            p_w = float(pc[g].detach())
+            p = {j: float(pr[g, j].detach()) for j in real}
+            boundary = [j for j in real if p[j] >= p_w] or [j for j in real if p[j] == max(p.values())]
+            rest = [j for j in real if j not in boundary] or boundary
+            m = sum(p[j] for j in rest) / len(rest)
+            betas = {}
+            for j in boundary:
+                d1, d2 = p_w - p[j], p[j] - m
+                den = abs(d1) + abs(d2)
+                betas[j] = beta * (1 + 0.5 * (math.tanh((d1 - d2 - 6.0) / den) if den > 0 else -1.0))
+            out.append(_neg_log_sigmoid(sum(betas[j] * (r_w - r[j]) for j in boundary) / len(boundary)))
+        else:
+            raise ValueError(loss_type)
+    return torch.stack(out)
+
+
+def naive_family_loss(logps, ref, batch, beta, sft_weight, loss_type):
+    """``naive_family`` mean over groups plus ``sft_weight`` times the chosen candidate's mean NLL (fp64)."""
+    mask = batch.candidate_mask
+    per = naive_family(logps[:, 0], logps[:, 1:], ref[:, 0], ref[:, 1:], beta, mask[:, 1:], loss_type)
+    return (per - sft_weight * logps[:, 0].double() / batch.candidate_lens[:, 0].double()).mean()

@@ -17,7 +17,7 @@ from sdpo_fast.data import (
     tokenize_dataset,
     tokenize_example,
 )
-from sdpo_fast.data.negatives import hard_negatives
+from sdpo_fast.data.negatives import boundary_negatives, hard_negatives
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -202,3 +202,68 @@ def test_hard_negatives_match_naive(data):
     assert col(feats).candidate_index[:, 1:].tolist() == picked
     with pytest.raises(ValueError, match="needs a policy"):
         SDPOCollator(tok, num_negatives=4, negatives="hard")(feats)
+
+
+@torch.no_grad()
+def test_boundary_negatives_match_naive(data):
+    """Boundary = non-target candidates whose brute-force per-candidate policy log-prob is >= the
+    chosen item's; more than K: K of them; fewer: all of them plus a random top-up from the others;
+    none: exactly random_negatives' draw."""
+    splits, tok = data
+    ds = tokenize_dataset(splits.train[:4], tok)
+    feats = [dict(ds[i]) for i in range(4)]
+    model = _tiny_llama(len(tok))
+    naive = [[_naive_logprob(model, f["prompt_ids"], c) for c in f["candidate_ids"]] for f in feats]
+    order = [sorted(range(len(s)), key=s.__getitem__, reverse=True) for s in naive]
+    # targets placed to give every case: top-scored (no boundary), 2nd (1 boundary), 6th (5), last (19)
+    for f, o, rank in zip(feats, order, (0, 1, 5, 19)):
+        f["target_index"] = o[rank]
+    k = 4
+    args = ([f["prompt_ids"] for f in feats], [f["candidate_ids"] for f in feats], [f["target_index"] for f in feats], k)
+    keys = [f["example_id"] for f in feats]
+    got = boundary_negatives(model, *args, seed=3, epoch=2, keys=keys, backend="torch", max_tokens_per_row=700)
+    for f, s, row, key in zip(feats, naive, got, keys):
+        t = f["target_index"]
+        boundary = {j for j in range(len(s)) if j != t and s[j] >= s[t]}
+        assert len(row) == len(set(row)) == k and t not in row
+        if len(boundary) >= k:
+            assert set(row) <= boundary
+        else:
+            assert set(row[: len(boundary)]) == boundary and not set(row[len(boundary):]) & boundary
+    assert got[0] == random_negatives(20, feats[0]["target_index"], k, seed=3, epoch=2, key=keys[0])
+    assert [len({j for j in r if naive[g][j] >= naive[g][feats[g]["target_index"]]}) for g, r in enumerate(got)] == [0, 1, 4, 4]
+    assert got == boundary_negatives(model, *args, seed=3, epoch=2, keys=keys, backend="torch")
+    assert got != boundary_negatives(model, *args, seed=3, epoch=3, keys=keys, backend="torch")  # top-up redrawn
+
+    col = SDPOCollator(tok, num_negatives=k, negatives="boundary", policy=model, backend="torch", seed=3)
+    col.set_epoch(2)
+    assert col(feats).candidate_index[:, 1:].tolist() == got
+    with pytest.raises(ValueError, match="needs a policy"):
+        SDPOCollator(tok, num_negatives=k, negatives="boundary")(feats)
+    with pytest.raises(ValueError, match="negatives must be one of random, hard, boundary"):
+        SDPOCollator(tok, negatives="semi-hard")
+
+
+@torch.no_grad()
+def test_random_negatives_are_redrawn_each_epoch_and_the_precomputed_reference_covers_them(data):
+    """train.py precomputes the reference over every candidate (``score_candidates``) and gathers the
+    drawn columns (``SDPOBatch.idx``, ``candidate_index``) each step: across epochs the negatives change
+    and the gathered values stay the per-candidate brute-force scores of the drawn candidates."""
+    from sdpo_fast.eval import score_candidates
+
+    splits, tok = data
+    ds = tokenize_dataset(splits.train[:5], tok)
+    feats = [ds[i] for i in range(5)]
+    model = _tiny_llama(len(tok))
+    ref_all = score_candidates(model, feats, batch_size=2, backend="torch", progress=False)
+    col = SDPOCollator(tok, num_negatives=3, seed=1)
+    drawn = []
+    for epoch in (0, 1):
+        col.set_epoch(epoch)
+        batch = col(feats)
+        ref = ref_all[batch.idx].gather(1, batch.candidate_index)
+        want = torch.tensor([[_naive_logprob(model, feats[i]["prompt_ids"], feats[i]["candidate_ids"][j]) for j in row]
+                             for i, row in zip(batch.idx.tolist(), batch.candidate_index.tolist())], dtype=torch.float64)
+        torch.testing.assert_close(ref.double(), want, rtol=1e-5, atol=1e-4)
+        drawn.append(batch.candidate_index)
+    assert torch.equal(drawn[0][:, 0], drawn[1][:, 0]) and not torch.equal(drawn[0][:, 1:], drawn[1][:, 1:])

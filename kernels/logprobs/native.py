@@ -19,7 +19,8 @@ dHidden from it without any logits (two GEMMs in all).
     raised to the largest group's ``rows * V`` when that is more, up to ``2**27`` (512 MiB), so that a
     group of a large vocabulary is not recomputed (``default_tile_elements``). The loss math inside the
     tile loop is ``group_loss_grad`` in ``csrc/sdpo_loss.cpp``, the C++ mirror of
-    ``sdpo_fast.loss.group_loss_and_grad`` (a test holds the two together).
+    ``sdpo_fast.loss.group_loss_and_grad`` for every loss type (``loss.loss_code``, an int; a test holds
+    the two together).
   * ``"whole_batch"``: the plain op's kernels over all rows at once (the generic forward -> loss ->
     backward of the loss driver, ``chunk_rows`` rows per recompute GEMM): for a frozen weight (the
     projected forward: dHidden without logits), and, unless a tile size is given, for a batch of at
@@ -180,7 +181,8 @@ def fused_loss(hidden, weight, batch, loss, need_h: bool, need_w: bool, opts: Op
     loss_g, logps, dhidden, dw = extension.sdpo_loss(
         hidden.detach().contiguous(), batch.logit_rows, weight.detach().float().contiguous(), batch.row_ptr,
         batch.target_ids, batch.target_candidates, batch.group_row_ptr, loss.ref_logps.detach().float().contiguous(),
-        loss.candidate_mask, loss.candidate_lens, float(loss.beta), float(loss.sft_weight), bool(need_h),
+        loss.candidate_mask, loss.candidate_lens, float(loss.beta), float(loss.sft_weight), int(loss.loss_code),
+        bool(need_h),
         bool(need_w), tile,
     )
     return loss_g, logps, dhidden, (dw.to(weight.dtype) if need_w else None)

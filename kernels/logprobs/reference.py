@@ -16,7 +16,8 @@ more of the forward in ``state``. A backend may also define ``fused_loss(hidden,
 need_h, need_w, opts)`` for a whole-group path; it returns ``(loss_g [G], logps [G, C], dhidden, dweight)``
 or None to take the generic forward -> ``loss`` -> backward sequence. ``loss`` is the driver's
 ``GroupLoss``: ``loss(logps [g, C], groups=slice) -> (loss_g [g], dloss/dlogp [g, C])`` plus its fields
-``ref_logps``, ``candidate_mask``, ``candidate_lens``, ``beta``, ``sft_weight``.
+``ref_logps``, ``candidate_mask``, ``candidate_lens``, ``beta``, ``sft_weight``, ``loss_type`` and
+``loss_code`` (the loss type as the int the C++ mirror takes).
 
 ``batch`` is a ``PackedBatch`` (read for its log-prob layout: ``logit_rows``, ``row_ptr``,
 ``target_rows``, ``target_ids``, ``target_candidates``, ``candidate_mask``, ``group_rows``).

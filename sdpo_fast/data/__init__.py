@@ -26,7 +26,7 @@ from .loaders import (
     load_recbole,
     load_sdpo_json,
 )
-from .negatives import hard_negatives, random_negatives
+from .negatives import NEGATIVES, boundary_negatives, hard_negatives, policy_scores, random_negatives
 from .prompts import TEMPLATES, completion_text, format_prompt
 from .sequences import examples_from_sequences, splits_from_sequences
 from .synthetic import make_synthetic
@@ -54,6 +54,9 @@ __all__ = [
     "format_prompt",
     "group_token_bound",
     "hard_negatives",
+    "boundary_negatives",
+    "policy_scores",
+    "NEGATIVES",
     "load_dataset",
     "load_goodreads",
     "load_jsonl",

@@ -16,7 +16,7 @@ import torch
 
 from ..packing import PackedBatch, pack_groups
 from .examples import stable_seed
-from .negatives import hard_negatives, random_negatives
+from .negatives import NEGATIVES, boundary_negatives, hard_negatives, random_negatives
 
 __all__ = ["SDPOBatch", "SDPOCollator", "TokenBudgetBatchSampler"]
 
@@ -58,19 +58,20 @@ class SDPOCollator:
         tokenizer: supplies ``pad_token_id`` (else ``eos_token_id``) for padding slots.
         num_negatives: K negatives per group from the non-target candidates (0: chosen only, the SFT
             batch; ``None``: all of them).
-        negatives: ``"random"`` (``random_negatives``) or ``"hard"`` (``hard_negatives``; needs
-            ``policy``, scored in one pass per batch).
-        policy: the model used for hard negatives (``set_policy`` to change it).
-        seed: seed of the random negatives.
-        resample_each_epoch: random negatives depend on ``set_epoch``'s value (else fixed forever).
+        negatives: ``"random"`` (``random_negatives``), ``"hard"`` (``hard_negatives``) or ``"boundary"``
+            (``boundary_negatives``); hard and boundary need ``policy``, scored in one pass per batch.
+        policy: the model used for hard / boundary negatives (``set_policy`` to change it).
+        seed: seed of the random negatives (and of boundary's random top-up).
+        resample_each_epoch: random negatives (and boundary's top-up) depend on ``set_epoch``'s value
+            (else fixed forever).
         token_budget: ``max_tokens_per_row`` of ``pack_groups``: groups fill rows of at most this many
             tokens (``None``: all groups in one row). A group over the budget is a ``ValueError``.
         pad_to_multiple_of: row length rounding.
         vocab_size, max_positions: checks passed to ``pack_groups`` (the model's config values).
-        backend: log-prob backend for hard negatives.
+        backend: log-prob backend for hard / boundary negatives.
 
     Every batch has ``C = K + 1`` candidate columns, whatever the batch (ranks stay in step).
-    Hard negatives run the policy inside the collator: use it in the main process
+    Hard and boundary negatives run the policy inside the collator: use it in the main process
     (``DataLoader(num_workers=0)``) or call ``choose`` yourself.
     """
 
@@ -90,8 +91,8 @@ class SDPOCollator:
         backend: str = "auto",
         pad_token_id: int | None = None,
     ):
-        if negatives not in ("random", "hard"):
-            raise ValueError(f"negatives must be 'random' or 'hard', got {negatives!r}")
+        if negatives not in NEGATIVES:
+            raise ValueError(f"negatives must be one of {', '.join(NEGATIVES)}, got {negatives!r}")
         if num_negatives is not None and num_negatives < 0:
             raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
         if pad_token_id is None:
@@ -128,21 +129,20 @@ class SDPOCollator:
         """Candidate indices per feature: ``[target, neg_1, ..., neg_K]``."""
         k = self._k(features)
         targets = [int(f["target_index"]) for f in features]
-        if self.negatives == "hard" and k > 0:
+        epoch = self.epoch if self.resample_each_epoch else 0
+        if self.negatives in ("hard", "boundary") and k > 0:
             if self.policy is None:
-                raise ValueError("negatives='hard' needs a policy model (SDPOCollator(policy=...) or set_policy)")
-            negs = hard_negatives(
-                self.policy,
-                [f["prompt_ids"] for f in features],
-                [f["candidate_ids"] for f in features],
-                targets,
-                k,
-                backend=self.backend,
-                max_tokens_per_row=self.token_budget,
-                pad_token_id=self.pad_token_id,
-            )
+                raise ValueError(f"negatives={self.negatives!r} needs a policy model (SDPOCollator(policy=...) or "
+                                 "set_policy)")
+            scored = dict(backend=self.backend, max_tokens_per_row=self.token_budget, pad_token_id=self.pad_token_id)
+            prompts = [f["prompt_ids"] for f in features]
+            cands = [f["candidate_ids"] for f in features]
+            if self.negatives == "hard":
+                negs = hard_negatives(self.policy, prompts, cands, targets, k, **scored)
+            else:
+                negs = boundary_negatives(self.policy, prompts, cands, targets, k, seed=self.seed, epoch=epoch,
+                                          keys=[_key(f, i) for i, f in enumerate(features)], **scored)
         else:
-            epoch = self.epoch if self.resample_each_epoch else 0
             negs = [
                 random_negatives(len(f["candidate_ids"]), t, k, seed=self.seed, epoch=epoch, key=_key(f, i))
                 for i, (f, t) in enumerate(zip(features, targets))
