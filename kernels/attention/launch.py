@@ -219,10 +219,23 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _has_padding(batch) -> bool:
+    """Whether some row positions belong to no group (host metadata only). Without padding the
+    kernels write every position (the tiles partition each group), so outputs need no zero-fill."""
+    R, L = batch.shape
+    return _cached(batch, "padded", lambda: batch.num_tokens != R * L)
+
+
+def _alloc(shape, like: torch.Tensor, batch, dtype=None) -> torch.Tensor:
+    """Zeros where padding positions exist (they stay 0), else uninitialised memory."""
+    fill = torch.zeros if _has_padding(batch) else torch.empty
+    return fill(shape, device=like.device, dtype=dtype or like.dtype)
+
+
 def _forward(q, k, v, batch, scaling, cfg):
     R, H, L, Dh = q.shape
     Hkv = k.shape[1]
-    out = q.new_zeros(R, L, H, Dh)
+    out = _alloc((R, L, H, Dh), q, batch)
     lse2 = torch.empty(R, H, L, device=q.device, dtype=torch.float32)
     tiles = query_tiles(batch, cfg.fwd_m)
     cand = _candidate_ids32(batch)
@@ -246,9 +259,9 @@ def _backward(q, k, v, out, lse2, dout, batch, scaling, cfg):
     R, H, L, Dh = q.shape
     Hkv = k.shape[1]
     dout = _last_dim_contiguous(dout)  # [R, L, H, Dh]
-    dq = torch.zeros(R, L, H, Dh, device=q.device, dtype=q.dtype)
-    dk = torch.zeros(R, L, Hkv, Dh, device=q.device, dtype=k.dtype)
-    dv = torch.zeros(R, L, Hkv, Dh, device=q.device, dtype=v.dtype)
+    dq = _alloc((R, L, H, Dh), q, batch)
+    dk = _alloc((R, L, Hkv, Dh), k, batch)
+    dv = _alloc((R, L, Hkv, Dh), v, batch)
     delta = torch.empty_like(lse2)
     cand = _candidate_ids32(batch)
     consts = dict(H_PER_KV=H // Hkv, HEAD_DIM=Dh, BLOCK_D=max(16, triton.next_power_of_2(Dh)),
