@@ -43,10 +43,11 @@ PRESETS = {
     # the default: a quick CPU look at the paper's shape
     "quick": dict(runs=["tiny-1b:full"], shapes=["paper"], ks=[1, 3, 7, 15], groups_per_step=[8], refs=["precomputed"],
                   dtype="float32", repeats=3, warmup=1, budget_s=None),
-    # tiny configurations of the realistic sweep (a few minutes on 2 cores)
+    # tiny configurations of the realistic sweep on 2 cores: 8 groups per step (the GPU sweep's 32 and
+    # 128 take (a) minutes per step here), a 1 GiB cap on a micro-batch's RSS growth
     "cpu": dict(runs=["tiny-7b:lora", "tiny-1b:lora", "tiny-1b:full"], shapes=["paper"], ks=[1, 3, 7, 15, 19],
-                groups_per_step=[32], refs=["precomputed", "live"], dtype="float32", repeats=3, warmup=0,
-                budget_s=6.0),
+                groups_per_step=[8], refs=["precomputed", "live"], dtype="float32", repeats=3, warmup=0,
+                budget_s=4.0, cpu_mem_cap_mib=1024.0),
     # the older CPU series: P = 256 and 1024, titles of 16, K up to 63
     "cpu-long": dict(runs=["tiny-1b:full", "tiny-1b:lora"], shapes=["256x16", "1024x16"], ks=[1, 3, 7, 15, 31, 63],
                      groups_per_step=[1], refs=["precomputed"], dtype="float32", repeats=3, warmup=0, budget_s=10.0),
