@@ -112,14 +112,17 @@ def _cached(batch, key, build):
 def _slots(batch, block: int):
     """Per tile slot: its group's row, start/prompt end/end within the row, and the slot's own range.
 
-    A group gets ``ceil(len / block) + 1`` slots (host-known, >= prompt tiles + candidate tiles);
-    the unused ones come out empty (start == end).
+    A group gets ``ceil(len / block) + 1`` slots (>= prompt tiles + candidate tiles), the last group
+    also the rest of ``ceil(R * L / block) + 2 * G`` (a bound of that sum from the batch's shape
+    alone: no loop over groups, and the same for every batch of one shape bucket); the unused ones
+    come out empty (start == end).
     """
     R, L = batch.shape
     dev = batch.device
-    n_slots = sum((end - start + block - 1) // block + 1 for _, start, end in batch.group_spans)
     G = batch.num_groups
+    n_slots = -(-R * L // block) + 2 * G
     counts = (batch.group_lens + block - 1) // block + 1
+    counts = torch.cat([counts[:-1], (n_slots - counts[:-1].sum()).reshape(1)])
     g = torch.repeat_interleave(torch.arange(G, device=dev), counts, output_size=n_slots)
     j = torch.arange(n_slots, device=dev) - (torch.cumsum(counts, 0) - counts)[g]
     flat = batch.group_starts[g]
