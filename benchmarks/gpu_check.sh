@@ -108,26 +108,27 @@ if [ "$PARTS" = realistic ]; then
     # One bench_step run per goal cell; each writes OUT/<name>.json + .md, partial rows survive a cut.
     if [ "${DRY_RUN:-0}" = 1 ]; then
         TINY="--device cpu --layers 1 --hidden 32 --intermediate 64 --heads 4 --kv-heads 2 --vocab 257 --dtype float32 --threads 1"
-        B1=tiny-1b; B7=tiny-7b; GPS=2; P=7x3; G=""
+        B1=tiny-1b; B7=tiny-7b; GPS=2; P=7x3; G=""; M=3  # a shared 2-core CPU: three times the time limits
+        BUDGET_S=$(( BUDGET_S * M ))
     else
-        TINY=""; B1=llama3.2-1b; B7=llama2-7b; GPS=32; P=1024x16; G="--cuda-graphs"
+        TINY=""; B1=llama3.2-1b; B7=llama2-7b; GPS=32; P=1024x16; G="--cuda-graphs"; M=1
     fi
     common="--preset gpu --methods a c --repeats 3 --warmup 1 --no-plot --out $OUT $TINY ${STEP_ARGS:-}"
     # shellcheck disable=SC2086
-    step step_1b_lora_p1024 150 "$PY" benchmarks/bench_step.py $common --name step_1b_lora_p1024 \
+    step step_1b_lora_p1024 $(( 150 * M )) "$PY" benchmarks/bench_step.py $common --name step_1b_lora_p1024 \
         --runs $B1:lora --shapes $P --ks 15 --groups-per-step $GPS --refs precomputed
     # shellcheck disable=SC2086
-    step step_7b_lora_paper 170 "$PY" benchmarks/bench_step.py $common --name step_7b_lora_paper \
+    step step_7b_lora_paper $(( 170 * M )) "$PY" benchmarks/bench_step.py $common --name step_7b_lora_paper \
         --runs $B7:lora --shapes paper --ks 1 3 15 --groups-per-step $GPS --refs precomputed
     # shellcheck disable=SC2086
-    step step_1b_full_live 80 "$PY" benchmarks/bench_step.py $common --name step_1b_full_live \
+    step step_1b_full_live $(( 80 * M )) "$PY" benchmarks/bench_step.py $common --name step_1b_full_live \
         --runs $B1:full --shapes $P --ks 15 --groups-per-step $GPS --refs live
     # shellcheck disable=SC2086
-    step step_1b_lora_1group 40 "$PY" benchmarks/bench_step.py $common --name step_1b_lora_1group \
+    step step_1b_lora_1group $(( 40 * M )) "$PY" benchmarks/bench_step.py $common --name step_1b_lora_1group \
         --runs $B1:lora --shapes $P --ks 15 --groups-per-step 1 --refs precomputed --methods c
     if [ -n "$G" ]; then
         # shellcheck disable=SC2086
-        step step_1b_lora_1group_graphs 40 "$PY" benchmarks/bench_step.py $common --name step_1b_lora_1group_graphs \
+        step step_1b_lora_1group_graphs $(( 40 * M )) "$PY" benchmarks/bench_step.py $common --name step_1b_lora_1group_graphs \
             --runs $B1:lora --shapes $P --ks 15 --groups-per-step 1 --refs precomputed --methods c $G
     fi
 fi
