@@ -74,6 +74,8 @@ def parse_args(argv=None, doc: str | None = None):
         shapes.model_config(cfg, args.overrides)
     if args.cuda_graphs:
         graphs.refuse_unless_cuda(torch.device(args.device))
+        if args.refs != ["precomputed"]:
+            raise ValueError("--cuda-graphs needs --refs precomputed (the live reference reads the device)")
     args.runs = list(dict.fromkeys(args.runs))
     args.flce_provider = methods.fused_linear_ce
     return args

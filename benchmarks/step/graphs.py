@@ -9,6 +9,8 @@ length, the group count, the tile and chunk counts derived from the batch's layo
   candidate only, reference 0), whose S-DPO loss is exactly 0 (no negatives) and whose gradient is 0;
 - the loss is the SUM over groups divided by the step's group count, so dummy groups change nothing
   (``tests/test_bench_step.py`` checks loss and gradients padded vs unpadded, on CPU);
+- the reference log-probs are precomputed (the live reference's ``candidate_logprobs`` reads the
+  token ids back to check them, which a capture forbids);
 - a graph replays for a batch of the same layout (``signature``): the benchmark's micro-batches are
   the same every step; new data of the same layout are copied into the captured batch
   (``GraphedMicroStep.load``). Data of another layout need their own capture.
@@ -120,44 +122,34 @@ class GraphedSteps:
     """
 
     def __init__(self, model, opt, micro_batches, ref, n_groups: int, vocab: int):
-        from .microbatch import Reference
-
         params = [p for p in model.parameters() if p.requires_grad]
         self.params = params
         self.steps = []
         pool = torch.cuda.graph_pool_handle()
         for mb in micro_batches:
             groups = _groups_of(mb.batch)
-            batch, n_real = bucketed_pack(groups, vocab, mb.batch.num_candidates)
+            batch, _ = bucketed_pack(groups, vocab, mb.batch.num_candidates)
             batch = batch.to(mb.batch.device)
             G = batch.num_groups
-            if ref.kind == "precomputed":
-                table = bucketed_ref(ref(None, model, mb), G).contiguous()
+            if ref.kind != "precomputed":  # candidate_logprobs checks the token ids on the host
+                raise ValueError("--cuda-graphs needs --refs precomputed")
+            table = bucketed_ref(ref(None, model, mb), G).contiguous()
 
-                def get_ref(b, table=table):
-                    return table
-            elif ref.lora:
-                def get_ref(b):
-                    with torch.no_grad(), model.disable_adapter():
-                        return sdpo_fast.candidate_logprobs(model, b, backend="auto").float()
-            else:
-                ref_model = ref.ref_model
-
-                def get_ref(b, ref_model=ref_model):
-                    with torch.no_grad():
-                        return sdpo_fast.candidate_logprobs(ref_model, b, backend="auto").float()
+            def get_ref(b, table=table):
+                return table
 
             def fn(b, get_ref=get_ref):
                 loss, _ = sdpo_fast.candidate_sdpo_loss(model, b, get_ref(b), beta=1.0, reduction="sum", backend="auto")
                 (loss / n_groups).backward()
 
             self.steps.append(GraphedMicroStep(fn, batch, pool=pool))
-        assert isinstance(ref, Reference)
+        # the tensors the graphs accumulate into; other methods' zero_grad(set_to_none=True) drops them
+        self.grads = [p.grad for p in params]
 
     def run(self, micro_batches=None) -> None:
-        for p in self.params:
-            if p.grad is not None:
-                p.grad.zero_()
+        for p, g in zip(self.params, self.grads):
+            g.zero_()
+            p.grad = g
         for s in self.steps:
             s.replay()
 
