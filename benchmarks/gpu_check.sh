@@ -3,10 +3,15 @@
 # `gpu`-marked tests and the kernel benchmarks, write JSON + markdown into OUT_DIR. Under 6 minutes:
 # every step has its own timeout, so the script always finishes and reports what it got.
 #
-#   benchmarks/gpu_check.sh OUT_DIR [kernels|step|all]
+#   benchmarks/gpu_check.sh OUT_DIR [kernels|step|realistic|all]
 #
 # kernels (default, < 7 min): gpu tests + log-prob and attention benchmarks; step (< 5 min): the
-# end-to-end step sweep of bench_step.py --preset gpu; all: both (about 10 min, one device command).
+# end-to-end step sweep of bench_step.py --preset gpu; realistic (about 8 min on an H200): the cells
+# of issue 16's goals, each a bench_step.py run with its own timeout and result files (32 groups per
+# optimizer step, every method at its largest micro-batch): Llama-3.2-1B LoRA P=1024 K=15; the
+# paper's shape on Llama-2-7B LoRA, K = 1, 3, 15; the same 1B cell with full fine-tuning and a live
+# reference; a one-group 1B LoRA step with and without CUDA graphs; all: kernels + step.
+# DRY_RUN=1 runs every realistic cell on the CPU with tiny configs (checks the script, not the GPU).
 #
 # Wheels: copy /work/shared/wheels-gpu to ./wheels-gpu (git-ignored) before sending the tree over, plus
 # a setuptools>=77 wheel (used only where the machine's setuptools is older).
@@ -19,7 +24,7 @@ set -uo pipefail
 
 OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR [kernels|step|all]}
 PARTS=${2:-kernels}
-case "$PARTS" in kernels|step|all) ;; *) echo "unknown part $PARTS (kernels|step|all)" >&2; exit 2;; esac
+case "$PARTS" in kernels|step|realistic|all) ;; *) echo "unknown part $PARTS (kernels|step|realistic|all)" >&2; exit 2;; esac
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
@@ -29,7 +34,7 @@ STATUS="$OUT/steps.tsv"
 : > "$STATUS"
 start=$(date +%s)
 
-case "$PARTS" in kernels) default_budget=400;; step) default_budget=290;; all) default_budget=580;; esac
+case "$PARTS" in kernels) default_budget=400;; step) default_budget=290;; realistic) default_budget=500;; all) default_budget=580;; esac
 BUDGET_S=${GPU_CHECK_BUDGET_S:-$default_budget}  # whole script; each step's timeout is cut to what is left
 
 step() {  # step NAME TIMEOUT_S CMD...: run, log to OUT/NAME.log, record exit code and seconds
@@ -74,7 +79,7 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$SITE"
 # The native extension is the CPU path: without this its first import compiles it (about a minute of
 # device time, seen on the H200 run of 2026-11-27).
 export SDPO_FAST_NO_EXT=1
-if ! "$PY" -c "import sdpo_fast.kernels.logprobs.triton" 2>/dev/null; then
+if [ "${DRY_RUN:-0}" != 1 ] && ! "$PY" -c "import sdpo_fast.kernels.logprobs.triton" 2>/dev/null; then
     step install_sdpo_fast 120 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
 fi
 "$PY" - > "$OUT/env.json" <<'EOF'
@@ -87,7 +92,7 @@ print(json.dumps(dict(device=torch.cuda.get_device_name() if torch.cuda.is_avail
 EOF
 cat "$OUT/env.json"
 
-if [ "$PARTS" != step ]; then
+if [ "$PARTS" = kernels ] || [ "$PARTS" = all ]; then
     # 3. gpu-marked tests (all test files; CPU-only tests are deselected).
     # shellcheck disable=SC2086
     step pytest_gpu 150 "$PY" -m pytest -q -m gpu ${PYTEST_ARGS:-tests} -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml"
@@ -99,7 +104,35 @@ if [ "$PARTS" != step ]; then
         --shapes 16384x4096x128256 --methods compile_chunked --tag compile
     step bench_attention 100 "$PY" benchmarks/bench_attention.py --out "$OUT" --prompts 2048 --ks 3 15 63
 fi
-if [ "$PARTS" != kernels ]; then
+if [ "$PARTS" = realistic ]; then
+    # One bench_step run per goal cell; each writes OUT/<name>.json + .md, partial rows survive a cut.
+    if [ "${DRY_RUN:-0}" = 1 ]; then
+        TINY="--device cpu --layers 1 --hidden 32 --intermediate 64 --heads 4 --kv-heads 2 --vocab 257 --dtype float32 --threads 1"
+        B1=tiny-1b; B7=tiny-7b; GPS=2; P=7x3; G=""; M=3  # a shared 2-core CPU: three times the time limits
+        BUDGET_S=$(( BUDGET_S * M ))
+    else
+        TINY=""; B1=llama3.2-1b; B7=llama2-7b; GPS=32; P=1024x16; G="--cuda-graphs"; M=1
+    fi
+    common="--preset gpu --methods a c --repeats 3 --warmup 1 --no-plot --out $OUT $TINY ${STEP_ARGS:-}"
+    # shellcheck disable=SC2086
+    step step_1b_lora_p1024 $(( 150 * M )) "$PY" benchmarks/bench_step.py $common --name step_1b_lora_p1024 \
+        --runs $B1:lora --shapes $P --ks 15 --groups-per-step $GPS --refs precomputed
+    # shellcheck disable=SC2086
+    step step_7b_lora_paper $(( 170 * M )) "$PY" benchmarks/bench_step.py $common --name step_7b_lora_paper \
+        --runs $B7:lora --shapes paper --ks 1 3 15 --groups-per-step $GPS --refs precomputed
+    # shellcheck disable=SC2086
+    step step_1b_full_live $(( 80 * M )) "$PY" benchmarks/bench_step.py $common --name step_1b_full_live \
+        --runs $B1:full --shapes $P --ks 15 --groups-per-step $GPS --refs live
+    # shellcheck disable=SC2086
+    step step_1b_lora_1group $(( 40 * M )) "$PY" benchmarks/bench_step.py $common --name step_1b_lora_1group \
+        --runs $B1:lora --shapes $P --ks 15 --groups-per-step 1 --refs precomputed --methods c
+    if [ -n "$G" ]; then
+        # shellcheck disable=SC2086
+        step step_1b_lora_1group_graphs $(( 40 * M )) "$PY" benchmarks/bench_step.py $common --name step_1b_lora_1group_graphs \
+            --runs $B1:lora --shapes $P --ks 15 --groups-per-step 1 --refs precomputed --methods c $G
+    fi
+fi
+if [ "$PARTS" = step ] || [ "$PARTS" = all ]; then
     # shellcheck disable=SC2086
     step bench_step "${STEP_TIMEOUT_S:-240}" "$PY" benchmarks/bench_step.py --preset gpu --out "$OUT" ${STEP_ARGS:-}  # partial rows survive a cut
 fi

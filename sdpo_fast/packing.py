@@ -264,15 +264,17 @@ def pack_groups(
     L = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
     R = len(rows)
 
-    input_ids = torch.full((R, L), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((R, L), dtype=torch.long)
-    group_ids = torch.full((R, L), -1, dtype=torch.long)
-    candidate_ids = torch.full((R, L), -1, dtype=torch.long)
-    candidate_mask = torch.zeros((G, C), dtype=torch.bool)
-    candidate_lens = torch.zeros((G, C), dtype=torch.long)
-    prompt_lens = torch.zeros(G, dtype=torch.long)
-    group_starts = torch.zeros(G, dtype=torch.long)
-    group_lens = torch.tensor(group_tokens, dtype=torch.long)
+    # Built as flat Python lists and turned into tensors once: per-group tensor slicing costs
+    # several small torch calls per candidate (the collation cost of large K).
+    T = R * L
+    ids_flat = [pad_token_id] * T
+    pos_flat = [0] * T
+    gid_flat = [-1] * T
+    cid_flat = [-1] * T
+    cand_mask = [[False] * C for _ in range(G)]
+    cand_lens = [[0] * C for _ in range(G)]
+    prompt_lens = [0] * G
+    group_starts = [0] * G
     spans = [None] * G
     logit_rows: list[int] = []
     row_ptr: list[int] = [0]
@@ -289,33 +291,46 @@ def pack_groups(
             spans[gi] = (r, off, off + group_tokens[gi])
             group_starts[gi] = base
             prompt_lens[gi] = P
-            input_ids[r, off : off + P] = torch.tensor(prompt)
-            position_ids[r, off : off + P] = torch.arange(P)
-            group_ids[r, off : off + group_tokens[gi]] = gi
+            ids_flat[base : base + P] = prompt
+            pos_flat[base : base + P] = range(P)
+            gid_flat[base : base + group_tokens[gi]] = [gi] * group_tokens[gi]
             r0, t0 = len(logit_rows), len(target_ids)
             # The prompt's last row predicts token 0 of every candidate.
             logit_rows.append(base + P - 1)
-            for j, c in enumerate(cands):
-                target_ids.append(c[0])
-                target_cands.append(gi * C + j)
+            target_ids.extend(c[0] for c in cands)
+            target_cands.extend(gi * C + j for j in range(len(cands)))
             row_ptr.append(len(target_ids))
-            pos = off + P
+            pos = base + P
             for j, c in enumerate(cands):
                 n = len(c)
-                input_ids[r, pos : pos + n] = torch.tensor(c)
-                position_ids[r, pos : pos + n] = torch.arange(P, P + n)
-                candidate_ids[r, pos : pos + n] = j
-                candidate_mask[gi, j] = True
-                candidate_lens[gi, j] = n
-                for i in range(1, n):
-                    logit_rows.append(r * L + pos + i - 1)
-                    target_ids.append(c[i])
-                    target_cands.append(gi * C + j)
-                    row_ptr.append(len(target_ids))
+                ids_flat[pos : pos + n] = c
+                pos_flat[pos : pos + n] = range(P, P + n)
+                cid_flat[pos : pos + n] = [j] * n
+                cand_mask[gi][j] = True
+                cand_lens[gi][j] = n
+                # token i (>= 1) is predicted by the row of token i - 1, one target per row
+                logit_rows.extend(range(pos, pos + n - 1))
+                t = len(target_ids)
+                target_ids.extend(c[1:])
+                target_cands.extend([gi * C + j] * (n - 1))
+                row_ptr.extend(range(t + 1, t + n))
                 pos += n
             group_rows[gi] = (r0, len(logit_rows), t0, len(target_ids))
             off += group_tokens[gi]
 
+    def long(values, shape=None):
+        out = torch.tensor(values, dtype=torch.long)
+        return out.view(shape) if shape is not None else out
+
+    input_ids = long(ids_flat, (R, L))
+    position_ids = long(pos_flat, (R, L))
+    group_ids = long(gid_flat, (R, L))
+    candidate_ids = long(cid_flat, (R, L))
+    candidate_mask = torch.tensor(cand_mask, dtype=torch.bool).view(G, C)
+    candidate_lens = long(cand_lens).view(G, C)
+    prompt_lens = long(prompt_lens)
+    group_starts = long(group_starts)
+    group_lens = long(group_tokens)
     row_ptr_t = torch.tensor(row_ptr, dtype=torch.long)
     counts = row_ptr_t[1:] - row_ptr_t[:-1]
     batch = PackedBatch(

@@ -1,4 +1,5 @@
-"""Smoke tests of benchmarks/bench_step.py: the tiny CPU sweep runs end to end and writes its results.
+"""Tests of benchmarks/bench_step.py (code in benchmarks/step/): the tiny CPU sweep runs end to end and
+writes its results; gradient accumulation, the micro-batch search and the CUDA-graph buckets are right.
 
 Timings are never asserted; the benchmark itself checks that (b) and (c) give (a)'s log-probs, loss
 and gradient norm (strict in float32), and these tests check that those checks ran and passed.
@@ -12,8 +13,8 @@ from conftest import load_benchmark
 
 TINY = [
     "--preset", "cpu", "--device", "cpu", "--layers", "1", "--hidden", "32", "--intermediate", "64",
-    "--heads", "4", "--kv-heads", "2", "--vocab", "257", "--prompt-lens", "7", "--cand-len", "3",
-    "--repeats", "1", "--warmup", "0", "--lora-rank", "4", "--threads", "1",
+    "--heads", "4", "--kv-heads", "2", "--vocab", "257", "--shapes", "7x3", "--groups-per-step", "2",
+    "--refs", "precomputed", "--repeats", "1", "--warmup", "0", "--lora-rank", "4", "--threads", "1",
 ]
 
 
@@ -33,7 +34,8 @@ def reference_flce(device):
 
 @pytest.mark.slow  # runs the benchmark sweep end to end
 def test_cpu_sweep_writes_json_markdown_png(bench, tmp_path):
-    argv = TINY + ["--ks", "1", "3", "--modes", "full", "lora", "--groups", "2", "--out", str(tmp_path), "--name", "t"]
+    argv = TINY + ["--ks", "1", "3", "--runs", "tiny-1b:full", "tiny-7b:lora", "--refs", "precomputed", "live",
+                   "--out", str(tmp_path), "--name", "t"]
     meta, rows, paths = bench.main(argv, flce_provider=reference_flce)
 
     assert set(paths) == {"json", "md", "png"}
@@ -43,24 +45,29 @@ def test_cpu_sweep_writes_json_markdown_png(bench, tmp_path):
     assert {"torch", "transformers", "peft"} <= set(result["meta"]["versions"])
     assert set(result["meta"]["sdpo_fast_backends"]) == {"attention", "logprobs", "sdpo_loss"}
 
-    # every (mode, K, method) ran; (b) and (c) agree with (a) on log-probs, loss and gradient norm
-    assert {(r["mode"], r["K"], r["method"]) for r in result["rows"]} == {
-        (m, k, x) for m in ("full", "lora") for k in (1, 3) for x in "abc"
+    # every (run, K, ref, method) ran; (b) and (c) agree with (a) on log-probs, loss and gradient norm
+    assert {(r["config"], r["K"], r["ref"], r["method"]) for r in result["rows"]} == {
+        (c, k, ref, x) for c in ("tiny-1b:full", "tiny-7b:lora") for k in (1, 3) for ref in ("precomputed", "live")
+        for x in "abc"
     }
     for r in result["rows"]:
         assert r["status"] == "ok" and r["ms"] > 0 and r["grad_norm"] > 0
+        assert r["micro_batch"] == 2 and r["accumulation"] == 1  # nothing runs out of memory here
         assert r["tokens_per_s"] == pytest.approx(r["data_tokens"] / (r["ms"] / 1e3), rel=1e-3)
+        assert r["groups_per_s"] == pytest.approx(2 / (r["ms"] / 1e3), rel=1e-3)
+        assert r["epoch_h"] == pytest.approx(78_000 / r["groups_per_s"] / 3600, rel=1e-3)
         if r["method"] != "a":
             assert r["check"] == "ok", r
     # (c) processes each prompt once: 2 groups x (7 + (K+1) * 3) tokens; (a) and (b) repeat it
     for r in result["rows"]:
         expect = 2 * (7 + (r["K"] + 1) * 3) if r["method"] == "c" else 2 * (r["K"] + 1) * (7 + 3)
         assert r["tokens_processed"] == expect
-    assert len(result["summary"]) == 4 and all("speedup_c_vs_a" in s and "speedup_c_vs_b" in s for s in result["summary"])
-    assert result["largest_k"] == {"full P=7": {"a": 3, "b": 3, "c": 3}, "lora P=7": {"a": 3, "b": 3, "c": 3}}
+    assert len(result["summary"]) == 8 and all("speedup_c_vs_a" in s and "speedup_c_vs_b" in s for s in result["summary"])
+    assert result["largest_k"]["tiny-1b:full 7x3 N=2 live"] == {"a": 3, "b": 3, "c": 3}
 
     text = paths["md"].read_text()
-    assert "## lora, prompt 7 tokens" in text and "![step time and memory vs K](t.png)" in text
+    assert "## tiny-7b:lora, shape 7x3, 2 groups per step, reference live" in text
+    assert "![groups/s and speed-up vs K](t.png)" in text
 
     # --replot rebuilds the same markdown (and the PNG) from the JSON alone
     paths["md"].unlink()
@@ -69,64 +76,178 @@ def test_cpu_sweep_writes_json_markdown_png(bench, tmp_path):
     assert paths["md"].read_text() == text and paths["png"].exists()
 
 
+def test_paper_shape_has_the_papers_lengths(bench):
+    shape = bench.shapes.parse_shape("paper")
+    groups = bench.shapes.make_groups(64, shape, 3, 100, seed=0)
+    prompts = [len(p) for p, _ in groups]
+    titles = [len(c) for _, cs in groups for c in cs]
+    assert 150 <= min(prompts) and max(prompts) <= 190 and 160 <= sum(prompts) / len(prompts) <= 180
+    assert 3 <= min(titles) and max(titles) <= 8 and len(set(titles)) > 3
+    assert all(len(cs) == 4 for _, cs in groups)
+
+
 def test_without_fused_ce_b_is_skipped_with_a_note(bench, tmp_path):
-    argv = TINY + ["--ks", "1", "--modes", "lora", "--out", str(tmp_path), "--no-plot"]
+    argv = TINY + ["--ks", "1", "--runs", "tiny-7b:lora", "--out", str(tmp_path), "--no-plot"]
     meta, rows, paths = bench.main(argv, flce_provider=lambda device: (None, "not installed"))
     assert [r["method"] for r in rows] == ["a", "c"]
     assert any("(b) skipped" in n for n in meta["notes"])
     assert "png" not in paths and "(b) skipped" in paths["md"].read_text()
 
 
-def test_out_of_memory_is_marked_and_the_sweep_goes_on(bench, tmp_path, monkeypatch):
-    """(a) failing with OOM at K = 3 is reported as "OOM" while (c) still runs."""
-    naive = bench.naive_logprobs
+def test_out_of_memory_halves_the_micro_batch_then_marks_oom(bench, tmp_path, monkeypatch):
+    """(a) runs out of memory above one group per micro-batch at K = 1 (so it accumulates over 4
+    micro-batches) and at every size at K = 3 ("OOM"), while (c) runs the whole step at once."""
+    naive = bench.methods.naive_logprobs
 
-    def naive_or_oom(model, data):
-        if data.k >= 3:
+    def naive_or_oom(model, mb):
+        if mb.k >= 3 or mb.groups > 1:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return naive(model, data)
+        return naive(model, mb)
 
-    monkeypatch.setattr(bench, "naive_logprobs", naive_or_oom)
-    argv = TINY + ["--ks", "1", "3", "--modes", "full", "--methods", "a", "c", "--out", str(tmp_path), "--no-plot"]
+    monkeypatch.setattr(bench.methods, "naive_logprobs", naive_or_oom)
+    argv = TINY + ["--ks", "1", "3", "--runs", "tiny-1b:full", "--methods", "a", "c", "--groups-per-step", "4",
+                   "--out", str(tmp_path), "--no-plot"]
     _, rows, paths = bench.main(argv)
-    status = {(r["K"], r["method"]): r["status"] for r in rows}
-    assert status == {(1, "a"): "ok", (1, "c"): "ok", (3, "a"): "OOM", (3, "c"): "ok"}
+    by = {(r["K"], r["method"]): r for r in rows}
+    assert {k: r["status"] for k, r in by.items()} == {(1, "a"): "ok", (1, "c"): "ok", (3, "a"): "OOM", (3, "c"): "ok"}
+    assert (by[1, "a"]["micro_batch"], by[1, "a"]["accumulation"]) == (1, 4)
+    assert by[1, "a"]["search"] == "4:OOM 2:OOM 1:ok"
+    assert (by[1, "c"]["micro_batch"], by[3, "c"]["micro_batch"]) == (4, 4)
     result = json.loads(paths["json"].read_text())
-    assert result["largest_k"] == {"full P=7": {"a": 1, "c": 3}}
+    assert result["largest_k"] == {"tiny-1b:full 7x3 N=4 precomputed": {"a": 1, "c": 3}}
     assert "| 3 | OOM |" in paths["md"].read_text()
+
+
+def test_cpu_memory_cap_counts_as_out_of_memory(bench, monkeypatch):
+    """With ``cpu_mem_cap_mib`` a micro-batch whose RSS growth exceeds the cap is refused like an OOM."""
+    growth = iter([300.0, 150.0, 75.0])
+
+    class FakeRSS:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.mib = next(growth)
+            return False
+
+    monkeypatch.setattr(bench.microbatch, "PeakRSS", FakeRSS)
+    args = bench.parse_args(TINY + ["--ks", "1"])
+    cfg = bench.shapes.model_config("tiny-1b", args.overrides)
+    model, opt = bench.sweep.build_model(cfg, "full", args, torch.device("cpu"))
+    methods, _ = bench.methods.build_methods(["c"], "cpu", None, "fused")
+    groups = bench.shapes.make_groups(4, bench.shapes.parse_shape("7x3"), 1, 257, seed=0)
+    m, tried = bench.microbatch.find_micro_batch(methods["c"], model, opt, groups, 1, 257, torch.device("cpu"),
+                                                 "precomputed", False, cpu_mem_cap_mib=100.0)
+    assert m == 1 and [(s, st) for s, st, _ in tried] == [(4, "over cap (300 MiB)"), (2, "over cap (150 MiB)"), (1, "ok")]
+    assert bench.microbatch.halvings(32, None) == [32, 16, 8, 4, 2, 1] and bench.microbatch.halvings(32, 12) == [12, 6, 3, 1]
+
+
+@pytest.mark.parametrize("key", ["a", "c"])
+def test_gradient_accumulation_matches_one_micro_batch(bench, key):
+    """The step's gradient over micro-batches of 1 and 2 groups equals the whole step's (4 groups), for
+    (a) and (c), with a live LoRA reference."""
+    args = bench.parse_args(TINY + ["--ks", "3"])
+    dev = torch.device("cpu")
+    cfg = bench.shapes.model_config("tiny-7b", args.overrides)
+    model, opt = bench.sweep.build_model(cfg, "lora", args, dev)
+    for p in model.parameters():  # LoRA B starts at 0: move it so the adapters matter
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)
+    methods, _ = bench.methods.build_methods([key], "cpu", None, "fused")
+    groups = bench.shapes.make_groups(4, bench.shapes.parse_shape("paper"), 3, 257, seed=1)
+    ref = bench.microbatch.Reference("live", model, True)
+    grads = {}
+    for size in (4, 2, 1):
+        opt.zero_grad(set_to_none=True)
+        for mb in bench.shapes.split(groups, size, 3, 257, dev):
+            bench.microbatch.micro_step(methods[key], model, mb, ref, 4)
+        grads[size] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).double()
+    for size in (2, 1):
+        torch.testing.assert_close(grads[size], grads[4], rtol=1e-4, atol=1e-6)
+    assert grads[4].abs().max() > 0
 
 
 def test_bf16_rows_are_checked_against_an_fp32_copy(bench, tmp_path):
     """In 16 bits every method, (a) included, is measured against (a) on an fp32 copy of the model;
     (c)'s log-probs are no further from that reference than twice (a)'s (plus the floor)."""
-    argv = TINY + ["--dtype", "bfloat16", "--ks", "1", "3", "--modes", "full", "lora", "--methods", "a", "c",
-                   "--out", str(tmp_path), "--no-plot"]
+    argv = TINY + ["--dtype", "bfloat16", "--ks", "1", "3", "--runs", "tiny-1b:full", "tiny-1b:lora",
+                   "--methods", "a", "c", "--out", str(tmp_path), "--no-plot"]
     _, rows, _ = bench.main(argv)
     for r in rows:
         assert r["status"] == "ok" and "ref32_loss_abs_err" in r, r
         if r["method"] == "c":
-            a = next(x for x in rows if (x["mode"], x["K"], x["method"]) == (r["mode"], r["K"], "a"))
+            a = next(x for x in rows if (x["config"], x["K"], x["method"]) == (r["config"], r["K"], "a"))
             assert r["check"] == "ok", r
             assert r["ref32_logps_rel_err"] <= 2 * a["ref32_logps_rel_err"] + bench.REF32_FLOOR["logps_rel_err"]
 
 
-@pytest.mark.parametrize("bad", [["--ks", "0"], ["--repeats", "0"], ["--heads", "3"], ["--threads", "0"]])
+@pytest.mark.parametrize("bad", [["--ks", "0"], ["--repeats", "0"], ["--heads", "3"], ["--threads", "0"],
+                                 ["--runs", "tiny-1b"], ["--runs", "gpt9:lora"], ["--shapes", "7by3"],
+                                 ["--groups-per-step", "0"], ["--micro-batch", "0"]])
 def test_bad_arguments_raise(bench, bad):
     with pytest.raises(ValueError):
         bench.parse_args(TINY + bad)
 
 
-@pytest.mark.gpu
-def test_gpu_path_tiny_bf16(bench, tmp_path):
-    """The GPU code path (bf16, CUDA events, max_memory_allocated, Triton backends) on a tiny model."""
-    argv = [
-        "--preset", "gpu", "--device", "cuda", "--layers", "2", "--hidden", "128", "--intermediate", "256",
-        "--heads", "4", "--kv-heads", "2", "--vocab", "1000", "--prompt-lens", "64", "--ks", "1", "7",
-        "--repeats", "2", "--out", str(tmp_path), "--no-plot",
-    ]
-    meta, rows, _ = bench.main(argv, flce_provider=reference_flce)
-    assert meta["dtype"] == "bfloat16" and meta["sdpo_fast_backends"]["sdpo_loss"] == "cublas"
-    for r in rows:
-        assert r["status"] == "ok" and r["ms"] > 0 and r["mem_mib"] >= r["step_mib"] > 0, r
-        if r["method"] != "a":
-            assert r["check"] == "ok", r
+def test_cuda_graphs_refused_on_cpu(bench):
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        bench.parse_args(TINY + ["--cuda-graphs"])
+
+
+# ----------------------------------------------------------------------------- CUDA-graph buckets
+
+
+@pytest.fixture(scope="module")
+def graphs():
+    load_benchmark("bench_step")
+    from step import graphs
+
+    return graphs
+
+
+def test_buckets(graphs):
+    assert [graphs.row_bucket(n, 256) for n in (1, 256, 257, 320, 321, 449, 512, 513, 1800)] == \
+        [256, 256, 320, 320, 384, 512, 512, 640, 1792 + 256]
+    assert [graphs.group_bucket(n) for n in (1, 2, 3, 5, 32, 33)] == [1, 2, 4, 8, 32, 64]
+    for n in range(1, 5000, 37):  # the smallest bucket that holds n, at most 25% above n (above the quantum)
+        b = graphs.row_bucket(n, 64)
+        assert b >= n and (b <= max(64, 1.25 * n))
+    with pytest.raises(ValueError):
+        graphs.row_bucket(0)
+    with pytest.raises(ValueError):
+        graphs.pad_groups([([1], [[2]])] * 3, 2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_bucket_padding_keeps_loss_and_gradients(graphs, backend):
+    """A batch padded to its bucket (row length and dummy groups) gives the unpadded batch's summed
+    loss and the same gradients, so a graph captured at the bucket trains the same step."""
+    import sdpo_fast
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    gen = torch.Generator().manual_seed(3)
+    groups = [(torch.randint(1, 101, (p,), generator=gen).tolist(),
+               [torch.randint(1, 101, (n,), generator=gen).tolist() for n in lens])
+              for p, lens in [(9, [3, 5, 2]), (12, [4, 1]), (7, [6, 2, 3])]]
+    ref = torch.randn(3, 3, generator=gen)
+
+    def loss_and_grads(batch, ref):
+        model.zero_grad(set_to_none=True)
+        loss, _ = sdpo_fast.candidate_sdpo_loss(model, batch, ref, reduction="sum", backend=backend)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    plain = sdpo_fast.pack_groups(groups, num_candidates=3)
+    padded, n_real = graphs.bucketed_pack(groups, 101, 3, quantum=64)
+    # one dummy group (2 tokens) to the group bucket 4; 56 tokens padded to the row bucket 64
+    assert (n_real, padded.num_groups, plain.num_tokens, padded.shape) == (3, 4, 54, (1, 64))
+    ref_padded = graphs.bucketed_ref(ref, padded.num_groups)
+    loss0, g0 = loss_and_grads(plain, ref)
+    loss1, g1 = loss_and_grads(padded, ref_padded)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g1, g0):  # fp32: only the blocking of the longer row's matmuls differs
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert graphs.signature(padded) != graphs.signature(plain)

@@ -112,14 +112,17 @@ def _cached(batch, key, build):
 def _slots(batch, block: int):
     """Per tile slot: its group's row, start/prompt end/end within the row, and the slot's own range.
 
-    A group gets ``ceil(len / block) + 1`` slots (host-known, >= prompt tiles + candidate tiles);
-    the unused ones come out empty (start == end).
+    A group gets ``ceil(len / block) + 1`` slots (>= prompt tiles + candidate tiles), the last group
+    also the rest of ``ceil(R * L / block) + 2 * G`` (a bound of that sum from the batch's shape
+    alone: no loop over groups, and the same for every batch of one shape bucket); the unused ones
+    come out empty (start == end).
     """
     R, L = batch.shape
     dev = batch.device
-    n_slots = sum((end - start + block - 1) // block + 1 for _, start, end in batch.group_spans)
     G = batch.num_groups
+    n_slots = -(-R * L // block) + 2 * G
     counts = (batch.group_lens + block - 1) // block + 1
+    counts = torch.cat([counts[:-1], (n_slots - counts[:-1].sum()).reshape(1)])
     g = torch.repeat_interleave(torch.arange(G, device=dev), counts, output_size=n_slots)
     j = torch.arange(n_slots, device=dev) - (torch.cumsum(counts, 0) - counts)[g]
     flat = batch.group_starts[g]
@@ -219,10 +222,23 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _has_padding(batch) -> bool:
+    """Whether some row positions belong to no group (host metadata only). Without padding the
+    kernels write every position (the tiles partition each group), so outputs need no zero-fill."""
+    R, L = batch.shape
+    return _cached(batch, "padded", lambda: batch.num_tokens != R * L)
+
+
+def _alloc(shape, like: torch.Tensor, batch, dtype=None) -> torch.Tensor:
+    """Zeros where padding positions exist (they stay 0), else uninitialised memory."""
+    fill = torch.zeros if _has_padding(batch) else torch.empty
+    return fill(shape, device=like.device, dtype=dtype or like.dtype)
+
+
 def _forward(q, k, v, batch, scaling, cfg):
     R, H, L, Dh = q.shape
     Hkv = k.shape[1]
-    out = q.new_zeros(R, L, H, Dh)
+    out = _alloc((R, L, H, Dh), q, batch)
     lse2 = torch.empty(R, H, L, device=q.device, dtype=torch.float32)
     tiles = query_tiles(batch, cfg.fwd_m)
     cand = _candidate_ids32(batch)
@@ -246,9 +262,9 @@ def _backward(q, k, v, out, lse2, dout, batch, scaling, cfg):
     R, H, L, Dh = q.shape
     Hkv = k.shape[1]
     dout = _last_dim_contiguous(dout)  # [R, L, H, Dh]
-    dq = torch.zeros(R, L, H, Dh, device=q.device, dtype=q.dtype)
-    dk = torch.zeros(R, L, Hkv, Dh, device=q.device, dtype=k.dtype)
-    dv = torch.zeros(R, L, Hkv, Dh, device=q.device, dtype=v.dtype)
+    dq = _alloc((R, L, H, Dh), q, batch)
+    dk = _alloc((R, L, Hkv, Dh), k, batch)
+    dv = _alloc((R, L, Hkv, Dh), v, batch)
     delta = torch.empty_like(lse2)
     cand = _candidate_ids32(batch)
     consts = dict(H_PER_KV=H // Hkv, HEAD_DIM=Dh, BLOCK_D=max(16, triton.next_power_of_2(Dh)),
