@@ -32,7 +32,8 @@ greedy generation, the evaluations, the shard-and-gather hook the trainer uses),
 
 from .baselines import CooccurrenceScorer, PopularityScorer, RandomScorer, evaluate_baselines, evaluate_scorer
 from .cli import format_table, main, save_results
-from .metrics import generation_metrics, match_answer, normalize_title, ranking_metrics
+from .constrained import TokenTrie, constrained_generate, constrained_metrics, evaluate_constrained
+from .metrics import MATCH_RULES, generation_metrics, match_answer, normalize_title, ranking_metrics
 from .scoring import (
     Sharding, default_max_new_tokens, evaluate_features, evaluate_generation, evaluate_ranking, greedy_generate,
     score_candidates,
@@ -40,6 +41,7 @@ from .scoring import (
 
 __all__ = [
     "normalize_title",
+    "MATCH_RULES",
     "match_answer",
     "generation_metrics",
     "ranking_metrics",
@@ -50,6 +52,10 @@ __all__ = [
     "evaluate_features",
     "default_max_new_tokens",
     "Sharding",
+    "TokenTrie",
+    "constrained_generate",
+    "constrained_metrics",
+    "evaluate_constrained",
     "RandomScorer",
     "PopularityScorer",
     "CooccurrenceScorer",
