@@ -33,6 +33,10 @@ greedy generation, the evaluations, the shard-and-gather hook the trainer uses),
 from .baselines import CooccurrenceScorer, PopularityScorer, RandomScorer, evaluate_baselines, evaluate_scorer
 from .cli import format_table, main, save_results
 from .constrained import TokenTrie, constrained_generate, constrained_metrics, evaluate_constrained
+from .full_catalog import (
+    catalog_chunks, catalog_token_ids, evaluate_full_catalog, full_catalog_metrics, full_catalog_ranks, score_catalog,
+    titles_before,
+)
 from .metrics import MATCH_RULES, generation_metrics, match_answer, normalize_title, ranking_metrics
 from .scoring import (
     Sharding, default_max_new_tokens, evaluate_features, evaluate_generation, evaluate_ranking, greedy_generate,
@@ -53,6 +57,13 @@ __all__ = [
     "default_max_new_tokens",
     "Sharding",
     "TokenTrie",
+    "catalog_chunks",
+    "catalog_token_ids",
+    "evaluate_full_catalog",
+    "full_catalog_metrics",
+    "full_catalog_ranks",
+    "score_catalog",
+    "titles_before",
     "constrained_generate",
     "constrained_metrics",
     "evaluate_constrained",
