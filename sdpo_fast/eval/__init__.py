@@ -35,7 +35,8 @@ plus a printed table.
 
 The package: ``metrics`` (matching rules, generation and ranking metrics), ``scoring`` (model scoring,
 greedy generation, the evaluations, the shard-and-gather hook the trainer uses), ``constrained``
-(the token trie and constrained decoding), ``full_catalog`` (full-catalog ranking), ``baselines``
+(the token trie and constrained decoding), ``full_catalog`` (full-catalog ranking), ``protocols``
+(``evaluate_features``: the trainer's ranking / generation / constrained evaluation), ``baselines``
 (random, popularity, co-occurrence scorers), ``cli`` (results table, JSON, ``python -m sdpo_fast.eval``).
 """
 
@@ -47,9 +48,9 @@ from .full_catalog import (
     titles_before,
 )
 from .metrics import MATCH_RULES, generation_metrics, match_answer, normalize_title, ranking_metrics
+from .protocols import evaluate_features
 from .scoring import (
-    Sharding, default_max_new_tokens, evaluate_features, evaluate_generation, evaluate_ranking, greedy_generate,
-    score_candidates,
+    Sharding, default_max_new_tokens, evaluate_generation, evaluate_ranking, greedy_generate, score_candidates,
 )
 
 __all__ = [
