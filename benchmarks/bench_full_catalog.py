@@ -36,9 +36,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def load(args):
     from sdpo_fast.data import build_tokenizer, load_dataset
 
-    ml = os.environ.get("SDPO_FAST_ML100K_DIR")
+    ml = None if args.tiny else os.environ.get("SDPO_FAST_ML100K_DIR")
     splits = load_dataset("recbole", path=ml, seed=0) if ml else load_dataset("synthetic", seed=0)
-    gguf = os.environ.get("SDPO_FAST_SMOLLM2_GGUF")
+    gguf = None if args.tiny else os.environ.get("SDPO_FAST_SMOLLM2_GGUF")
     if gguf:
         from sdpo_fast.pretrained import load_local_model
 
@@ -48,12 +48,14 @@ def load(args):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         tok = build_tokenizer(splits, vocab_size=1024)
-        cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                          num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
-                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        shape = (dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2) if args.tiny else
+                 dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3))
+        cfg = LlamaConfig(**shape, tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         torch.manual_seed(0)
         model = LlamaForCausalLM(cfg)
-        name = "SmolLM2-shaped random Llama"
+        name = "tiny random Llama (smoke test)" if args.tiny else "SmolLM2-shaped random Llama"
     return splits, tok, model.eval(), name, "ml-100k" if ml else "synthetic"
 
 
@@ -87,6 +89,7 @@ def main(argv=None):
     ap.add_argument("--real_users", type=int, default=5)
     ap.add_argument("--constrained_users", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tiny", action="store_true", help="a 1-layer random model on the synthetic data (smoke test)")
     ap.add_argument("--out", default=str(RESULTS / "bench_full_catalog_cpu"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
