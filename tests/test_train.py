@@ -256,7 +256,8 @@ def test_deepspeed_zero3_two_ranks_match_one_process(tmp_path, lora):
     pytest.importorskip("deepspeed")
     extra = ["--lora", "--sdpo_learning_rate", "5e-3", "--gradient_checkpointing"] if lora else []
     common = ["--stage", "sdpo", "--max_train_examples", "32", "--max_steps", "2", "--num_negatives", "3",
-              "--eval", "both", "--eval_untrained", "false", "--max_eval_examples", "5"] + extra  # odd: a padded shard
+              "--eval", "ranking,generation,constrained,full_catalog", "--full_catalog_users", "3",
+              "--eval_untrained", "false", "--max_eval_examples", "5"] + extra  # odd: padded shards
     single, multi = tmp_path / "single", tmp_path / "multi"
     run_train(common + ["--batch_size", "8"], single)
     shutil.copytree(single / "tokenizer", multi / "tokenizer")  # same tokenizer file, not a retrained one
@@ -282,7 +283,9 @@ def test_deepspeed_zero3_two_ranks_match_one_process(tmp_path, lora):
     # Each rank evaluated its shard (ZeRO-3 keeps them in step: synced generation); the gathered
     # metrics are those of the one-process run.
     r1, r2 = (json.loads((d / "results.json").read_text())["S-DPO"] for d in (single, multi))
-    for k in ("hr@1", "ndcg@5", "mrr", "hit_ratio@1", "valid_ratio"):
+    for k in ("hr@1", "ndcg@5", "mrr", "hit_ratio@1", "valid_ratio", "paper_hit_ratio@1", "llara_valid_ratio",
+              "constrained_hit_ratio@1", "constrained_valid_ratio", "full_catalog_hr@10", "full_catalog_ndcg@10",
+              "full_catalog_users"):
         assert r2[k] == pytest.approx(r1[k], abs=1e-6), k
 
     # The exported model reproduces the logged evaluation.
