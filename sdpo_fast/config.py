@@ -121,12 +121,51 @@ class TrainArguments:
         default=None, metadata={"help": "a checkpoint-* folder, or 'latest' (the newest complete one in --output_dir)"}
     )
     max_steps: int | None = field(default=None, metadata={"help": "stop each stage after this many steps"})
-    eval: str = field(default="both", metadata={"help": "none | ranking | generation | both"})
+    eval: str = field(
+        default="both",
+        metadata={"help": "none, or a comma-separated set of ranking, generation, constrained, full_catalog "
+                          "(both = ranking,generation)"},
+    )
+    full_catalog_users: int = field(
+        default=50, metadata={"help": "--eval full_catalog: test users ranked over the whole catalog (a seeded subset "
+                                      "of the evaluated sample, --data_seed)"}
+    )
+    full_catalog_prompt: str = field(
+        default="history", metadata={"help": "--eval full_catalog: history (prompt without the candidate list) | listed "
+                                             "(the ranking prompt)"}
+    )
+    full_catalog_chunk_tokens: int = field(
+        default=4096, metadata={"help": "--eval full_catalog: catalog item tokens per shared-prefix forward"}
+    )
+    constrained_num_beams: int = field(
+        default=1, metadata={"help": "--eval constrained: 1 = greedy, else beam search over the candidate trie"}
+    )
     eval_untrained: bool = field(default=True, metadata={"help": "evaluate before training as a baseline"})
     log_every: int = 1
 
 
 ALL_ARGS = (ModelArguments, DataArguments, TrainArguments)
+
+EVAL_PROTOCOLS = ("ranking", "generation", "constrained", "full_catalog")
+
+
+def eval_protocols(value: str) -> frozenset:
+    """The protocols ``--eval`` names: ``"none"`` -> empty, ``"both"`` -> ranking and generation, else
+    the comma-separated names (``EVAL_PROTOCOLS``; ``both`` may be one of them). ``ValueError`` on
+    an unknown or empty name."""
+    names = [v.strip() for v in str(value).split(",")]
+    if names == ["none"]:
+        return frozenset()
+    out = set()
+    for name in names:
+        if name == "both":
+            out |= {"ranking", "generation"}
+        elif name in EVAL_PROTOCOLS:
+            out.add(name)
+        else:
+            raise ValueError(f"--eval must be none or a comma-separated set of {', '.join(EVAL_PROTOCOLS)} (or both), "
+                             f"got {value!r}")
+    return frozenset(out)
 
 
 def _read_config_file(path: str) -> dict:
@@ -233,6 +272,9 @@ def _number_checks(model_args, data_args, train_args) -> list[str]:
         ("max_steps", train_args.max_steps, at_least_1, True),
         ("save_steps", train_args.save_steps, (lambda v: v >= 0, ">= 0 (0: a checkpoint at the end of each stage only)"), False),
         ("log_every", train_args.log_every, at_least_1, False),
+        ("full_catalog_users", train_args.full_catalog_users, at_least_1, False),
+        ("full_catalog_chunk_tokens", train_args.full_catalog_chunk_tokens, at_least_1, False),
+        ("constrained_num_beams", train_args.constrained_num_beams, at_least_1, False),
         ("max_prompt_tokens", data_args.max_prompt_tokens, at_least_1, False),
         ("max_train_examples", data_args.max_train_examples, at_least_1, True),
         ("max_eval_examples", data_args.max_eval_examples, at_least_1, True),
@@ -278,8 +320,12 @@ def validate(model_args: ModelArguments, data_args: DataArguments, train_args: T
     if train_args.backend not in backends.BACKENDS:
         problems.append(f"--backend must be one of {', '.join(backends.BACKENDS)}, got {train_args.backend!r}")
     problems += _check_backend_options(train_args)
-    if train_args.eval not in ("none", "ranking", "generation", "both"):
-        problems.append(f"--eval must be none, ranking, generation or both, got {train_args.eval!r}")
+    try:
+        eval_protocols(train_args.eval)
+    except ValueError as exc:
+        problems.append(str(exc))
+    if train_args.full_catalog_prompt not in ("history", "listed"):
+        problems.append(f"--full_catalog_prompt must be history or listed, got {train_args.full_catalog_prompt!r}")
     if train_args.deepspeed is not None and not os.path.isfile(train_args.deepspeed):
         problems.append(f"--deepspeed: no such file {train_args.deepspeed}")
     if data_args.dataset != "synthetic":

@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, fingerprint
-from .config import parse_args
+from .config import eval_protocols, parse_args
 from .errors import UserError, cli
 from .model import candidate_logprobs, candidate_sdpo_loss, unwrap_causal_lm
 from .outputs import MetricsLog, prepare_output_dir, write_json_atomic
@@ -317,11 +317,13 @@ def _my_shard(n: int) -> list[int]:
     return [min(i, n - 1) for i in range(rank() * per, (rank() + 1) * per)]
 
 
-def evaluate(runtime, tokenizer, features, train_args, name):
-    """Ranking and/or generation metrics on ``features``, each rank scoring its shard (``_my_shard``);
-    every rank returns the metrics of all of them."""
-    from .eval import Sharding, evaluate_features
+def evaluate(runtime, tokenizer, features, train_args, name, full_catalog=None):
+    """The ``--eval`` protocols on ``features``, each rank scoring its shard (``_my_shard``); every rank
+    returns the metrics of all of them. ``full_catalog``: ``full_catalog_inputs``'s dict (``--eval
+    full_catalog``)."""
+    from .eval import Sharding, evaluate_features, evaluate_full_catalog
 
+    protocols = eval_protocols(train_args.eval)
     device = runtime.device
     sharding = Sharding(
         indices=_my_shard,
@@ -330,15 +332,39 @@ def evaluate(runtime, tokenizer, features, train_args, name):
         progress=rank() == 0,
     )
     result = evaluate_features(
-        runtime.model, tokenizer, features, ranking=train_args.eval in ("ranking", "both"),
-        generation=train_args.eval in ("generation", "both"), batch_size=train_args.batch_size,
-        backend=train_args.backend, sharding=sharding, generation_model=runtime.module,
+        runtime.model, tokenizer, features, ranking="ranking" in protocols, generation="generation" in protocols,
+        constrained="constrained" in protocols, num_beams=train_args.constrained_num_beams,
+        batch_size=train_args.batch_size, backend=train_args.backend, sharding=sharding, generation_model=runtime.module,
         generate_kwargs={"synced_gpus": True} if runtime.stage3 else None,
     )
+    if "full_catalog" in protocols:
+        result.update(evaluate_full_catalog(
+            runtime.model, tokenizer, full_catalog["examples"], full_catalog["catalog"], exclude=full_catalog["exclude"],
+            prompt=train_args.full_catalog_prompt, max_chunk_tokens=train_args.full_catalog_chunk_tokens,
+            backend=train_args.backend, sharding=sharding, **full_catalog["tokenize_kwargs"],
+        ))
     if rank() == 0 and result:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
         print(f"[eval] {name}: {shown}", flush=True)
     return result
+
+
+def full_catalog_inputs(splits, eval_examples, train_args, data_args) -> dict:
+    """What ``--eval full_catalog`` ranks: ``--full_catalog_users`` of the evaluated examples (a seeded
+    subset spread over users, ``--data_seed``), the catalog (every title of the dataset) and, per
+    example, the titles left out: every earlier interaction of the user when the splits were built
+    from interaction sequences (``titles_before``), else the example's history."""
+    from .data import sample_over_users
+    from .eval import titles_before
+
+    subset = sample_over_users(eval_examples, train_args.full_catalog_users, seed=data_args.data_seed)
+    past = titles_before(splits) if "max_history" in splits.info else {}
+    return {
+        "examples": subset,
+        "catalog": splits.all_titles(),
+        "exclude": [past.get(ex.example_id, frozenset(ex.history)) for ex in subset],
+        "tokenize_kwargs": dict(max_prompt_tokens=data_args.max_prompt_tokens, seed=data_args.data_seed),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -406,6 +432,9 @@ def _main(argv=None) -> int:
     if train_args.eval != "none":
         eval_ds = _tokenize(eval_examples, tokenizer, cache_dir, "tokenizing test", max_positions, **tok_kwargs)
         eval_features = [dict(eval_ds[i], candidates=list(eval_examples[i].candidates)) for i in range(len(eval_ds))]
+    full_catalog = None
+    if "full_catalog" in eval_protocols(train_args.eval):
+        full_catalog = full_catalog_inputs(splits, eval_examples, train_args, data_args)
 
     signature = checkpoint.run_signature(model_args, data_args, train_args, bf16=bf16, world_size=world_size(),
                                          train_ds=train_ds, base_weights=fingerprint.model_weights(model))
@@ -446,7 +475,7 @@ def _main(argv=None) -> int:
     try:
         with GracefulStop() as stop:
             if train_args.eval != "none" and train_args.eval_untrained and "untrained" not in results:
-                results["untrained"] = evaluate(runtime, tokenizer, eval_features, train_args, "untrained")
+                results["untrained"] = evaluate(runtime, tokenizer, eval_features, train_args, "untrained", full_catalog)
             for stage in stages:
                 if stage in done:
                     continue
@@ -467,7 +496,7 @@ def _main(argv=None) -> int:
                 done.append(stage)
                 name = "S-DPO" if stage == "sdpo" and train_args.stage != "dpo" else ("DPO" if stage == "sdpo" else "SFT")
                 if train_args.eval != "none":
-                    results[name] = evaluate(runtime, tokenizer, eval_features, train_args, name)
+                    results[name] = evaluate(runtime, tokenizer, eval_features, train_args, name, full_catalog)
                 path = save(stage, "end")
                 signum = stop.requested()
                 if signum and stage != stages[-1]:

@@ -132,3 +132,29 @@ def naive_family_loss(logps, ref, batch, beta, sft_weight, loss_type):
     mask = batch.candidate_mask
     per = naive_family(logps[:, 0], logps[:, 1:], ref[:, 0], ref[:, 1:], beta, mask[:, 1:], loss_type)
     return (per - sft_weight * logps[:, 0].double() / batch.candidate_lens[:, 0].double()).mean()
+
+
+@torch.no_grad()
+def naive_item_scores(model, prompt, items):
+    """``[len(items)]`` fp64: each item (token ids ending with EOS) after its own copy of ``prompt``
+    through the unmodified model, one plain forward per item, log-softmax in fp64, summed."""
+    out = []
+    for c in items:
+        logp = model(torch.tensor([list(prompt) + list(c)])).logits[0].double().log_softmax(-1)
+        out.append(sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(c)))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@torch.no_grad()
+def naive_constrained_greedy(model, prompt, candidates):
+    """Index of the candidate (token ids ending with EOS) that greedy decoding picks when each step
+    may only continue a candidate: a plain loop, the whole sequence through the model each step (no
+    cache, no padding), the allowed tokens found by scanning the candidates."""
+    gen = []
+    while True:
+        allowed = sorted({c[len(gen)] for c in candidates if len(c) > len(gen) and list(c[: len(gen)]) == gen})
+        logits = model(torch.tensor([list(prompt) + gen])).logits[0, -1].double()
+        gen.append(max(allowed, key=lambda t: logits[t].item()))
+        done = [j for j, c in enumerate(candidates) if list(c) == gen]
+        if done:
+            return done[0]

@@ -80,6 +80,12 @@ def user_error(capsys, argv):
         (["--resume_from_checkpoint", "nowhere"], r"--resume_from_checkpoint: no such folder nowhere"),
         (["--lora", "--lora_targets", "q_proj,w_gate"], r"--lora_targets \['w_gate'\] not found"),
         (["--num_negatives", "20"], "--num_negatives 20 is above the 19 non-target candidates"),
+        (["--eval", "ranking,full-catalog"], r"--eval must be none or a comma-separated set of ranking, generation, "
+                                              r"constrained, full_catalog \(or both\), got 'ranking,full-catalog'"),
+        (["--eval", "ranking,"], r"--eval must be none or a comma-separated set"),
+        (["--full_catalog_users", "0"], r"--full_catalog_users must be >= 1, got 0"),
+        (["--full_catalog_prompt", "listed_only"], r"--full_catalog_prompt must be history or listed"),
+        (["--constrained_num_beams", "0"], r"--constrained_num_beams must be >= 1, got 0"),
     ],
 )
 def test_config_errors_before_any_work(tmp_path, capsys, args, message):
@@ -95,6 +101,38 @@ def test_several_config_errors_one_line_each(tmp_path, capsys):
     code, lines = user_error(capsys, ["--output_dir", str(tmp_path / "o"), "--beta", "nan", "--max_steps", "0"])
     assert code == 2
     assert lines == ["error: --beta must be > 0, got nan", "error: --max_steps must be >= 1, got 0"]
+
+
+def test_eval_protocols_match_the_api(tmp_path):
+    """``--eval ranking,generation,constrained,full_catalog`` on an untrained tiny model: every result key
+    is there, and the constrained and full-catalog figures are those of the API on the exported model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sdpo_fast.data import load_dataset, sample_over_users
+    from sdpo_fast.eval import evaluate_constrained, evaluate_full_catalog, titles_before
+
+    out = tmp_path / "o"
+    train_in_process(["--stage", "eval", "--eval", "ranking,generation,constrained,full_catalog",
+                      "--max_eval_examples", "4", "--full_catalog_users", "3", "--full_catalog_chunk_tokens", "300"], out)
+    res = json.loads((out / "results.json").read_text())["untrained"]
+    keys = ["hr@1", "ndcg@5", "mrr", "hit_ratio@1", "valid_ratio", "paper_hit_ratio@1", "paper_valid_ratio",
+            "llara_hit_ratio@1", "llara_valid_ratio", "constrained_hit_ratio@1", "constrained_valid_ratio",
+            "full_catalog_hr@1", "full_catalog_hr@5", "full_catalog_hr@10", "full_catalog_hr@20",
+            "full_catalog_ndcg@5", "full_catalog_ndcg@10", "full_catalog_ndcg@20", "full_catalog_users"]
+    assert set(keys) <= set(res), set(keys) - set(res)
+    assert res["constrained_valid_ratio"] == 1.0 and res["full_catalog_users"] == 3
+    splits = load_dataset("synthetic", seed=0)
+    test = sample_over_users(splits.test, 4, seed=0)
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    model = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+    con = evaluate_constrained(model, tok, test, max_prompt_tokens=512, seed=0, progress=False)
+    assert res["constrained_hit_ratio@1"] == con["constrained_hit_ratio@1"]
+    users = sample_over_users(test, 3, seed=0)
+    past = titles_before(splits)
+    full = evaluate_full_catalog(model, tok, users, splits.all_titles(), exclude=[past[ex.example_id] for ex in users],
+                                 max_prompt_tokens=512, seed=0, progress=False)
+    for k in keys[-8:]:
+        assert res[k] == pytest.approx(full[k], abs=1e-12), k
 
 
 RESUME = ["--stage", "all", "--max_train_examples", "48", "--batch_size", "8", "--sft_epochs", "1",
@@ -218,7 +256,8 @@ def test_deepspeed_zero3_two_ranks_match_one_process(tmp_path, lora):
     pytest.importorskip("deepspeed")
     extra = ["--lora", "--sdpo_learning_rate", "5e-3", "--gradient_checkpointing"] if lora else []
     common = ["--stage", "sdpo", "--max_train_examples", "32", "--max_steps", "2", "--num_negatives", "3",
-              "--eval", "both", "--eval_untrained", "false", "--max_eval_examples", "5"] + extra  # odd: a padded shard
+              "--eval", "ranking,generation,constrained,full_catalog", "--full_catalog_users", "3",
+              "--eval_untrained", "false", "--max_eval_examples", "5"] + extra  # odd: padded shards
     single, multi = tmp_path / "single", tmp_path / "multi"
     run_train(common + ["--batch_size", "8"], single)
     shutil.copytree(single / "tokenizer", multi / "tokenizer")  # same tokenizer file, not a retrained one
@@ -244,7 +283,9 @@ def test_deepspeed_zero3_two_ranks_match_one_process(tmp_path, lora):
     # Each rank evaluated its shard (ZeRO-3 keeps them in step: synced generation); the gathered
     # metrics are those of the one-process run.
     r1, r2 = (json.loads((d / "results.json").read_text())["S-DPO"] for d in (single, multi))
-    for k in ("hr@1", "ndcg@5", "mrr", "hit_ratio@1", "valid_ratio"):
+    for k in ("hr@1", "ndcg@5", "mrr", "hit_ratio@1", "valid_ratio", "paper_hit_ratio@1", "llara_valid_ratio",
+              "constrained_hit_ratio@1", "constrained_valid_ratio", "full_catalog_hr@10", "full_catalog_ndcg@10",
+              "full_catalog_users"):
         assert r2[k] == pytest.approx(r1[k], abs=1e-6), k
 
     # The exported model reproduces the logged evaluation.

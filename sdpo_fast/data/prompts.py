@@ -11,7 +11,7 @@ from typing import Sequence
 
 from .examples import DOMAINS, RecExample, stable_seed
 
-__all__ = ["TEMPLATES", "format_prompt", "completion_text", "template_index"]
+__all__ = ["TEMPLATES", "HISTORY_TEMPLATES", "format_prompt", "completion_text", "template_index"]
 
 # Placeholders: {past} {present} {noun} {nouns} (DOMAINS words), {history}, {candidates}, {n}.
 TEMPLATES: tuple[str, ...] = (
@@ -22,6 +22,14 @@ TEMPLATES: tuple[str, ...] = (
     "candidates. Answer:",
     "The user {past} the following {nouns} in order: {history}. Recommend the next {noun} for this user "
     "from these {n} candidates: {candidates}. Answer:",
+)
+
+# The same wordings without the candidate list (template k here is TEMPLATES[k] without its choice
+# set): the prompt of full-catalog ranking, where every catalog item is a candidate.
+HISTORY_TEMPLATES: tuple[str, ...] = (
+    "This user has {past} {history} in the previous. Please predict the next {noun} this user will {present}. Answer:",
+    "Given the {nouns} this user has {past} before: {history}. Which {noun} will the user {present} next? Answer:",
+    "The user {past} the following {nouns} in order: {history}. Recommend the next {noun} for this user. Answer:",
 )
 
 
@@ -41,6 +49,7 @@ def format_prompt(
     seed: int = 0,
     template: int | None = None,
     history: Sequence[str] | None = None,
+    list_candidates: bool = True,
 ) -> str:
     """The prompt text of ``example``.
 
@@ -48,10 +57,12 @@ def format_prompt(
         seed: picks the template per example (``template_index``).
         template: force one template for every example.
         history: override the history (the tokeniser passes a shortened one when truncating).
+        list_candidates: False uses ``HISTORY_TEMPLATES`` (no candidate list; same template index).
     """
     words = DOMAINS[example.domain]
     history = example.history if history is None else history
-    return TEMPLATES[template_index(example, seed, template)].format(
+    templates = TEMPLATES if list_candidates else HISTORY_TEMPLATES
+    return templates[template_index(example, seed, template)].format(
         history=", ".join(history) if history else "nothing yet",
         candidates=", ".join(example.candidates),
         n=len(example.candidates),

@@ -126,8 +126,12 @@ def tokenize_examples(
     seed: int = 0,
     template: int | None = None,
     title_cache: dict | None = None,
+    list_candidates: bool = True,
 ) -> list[dict]:
     """``tokenize_example`` for many examples, encoding the prompts in one batched call.
+
+    ``list_candidates=False``: prompts without the candidate list (``prompts.HISTORY_TEMPLATES``,
+    the full-catalog prompt); the candidates are still tokenised.
 
     ``title_cache`` (title -> ids of ``" " + title``), when given, is read and filled: catalogs repeat
     the same titles in every example.
@@ -143,7 +147,8 @@ def tokenize_examples(
     missing = sorted({c for ex in examples for c in ex.candidates if c not in title_cache})
     if missing:
         title_cache.update(zip(missing, _encode(tokenizer, [completion_text(c) for c in missing])))
-    prompts = _encode(tokenizer, [format_prompt(ex, seed=seed, template=template) for ex in examples])
+    prompts = _encode(tokenizer, [format_prompt(ex, seed=seed, template=template, list_candidates=list_candidates)
+                                  for ex in examples])
     results = []
     for ex, prompt in zip(examples, prompts):
         cut = 0
@@ -165,7 +170,8 @@ def tokenize_examples(
                     f"max_prompt_tokens={max_prompt_tokens}"
                 )
             history = history[1:]  # drop the oldest
-            prompt = _encode(tokenizer, [format_prompt(ex, seed=seed, template=template, history=history)])[0]
+            prompt = _encode(tokenizer, [format_prompt(ex, seed=seed, template=template, history=history,
+                                                       list_candidates=list_candidates)])[0]
         results.append(
             {
                 "prompt_ids": prompt,

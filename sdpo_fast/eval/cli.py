@@ -6,7 +6,10 @@ import os
 
 from .baselines import evaluate_baselines
 
-_ORDER = ("hr@1", "ndcg@5", "mrr", "hit_ratio@1", "valid_ratio", "num_examples")
+_ORDER = ("hr@1", "ndcg@5", "mrr", "hit_ratio@1", "valid_ratio", "paper_hit_ratio@1", "paper_valid_ratio",
+          "llara_hit_ratio@1", "llara_valid_ratio", "constrained_hit_ratio@1", "constrained_valid_ratio",
+          "full_catalog_hr@1", "full_catalog_hr@5", "full_catalog_hr@10", "full_catalog_hr@20", "full_catalog_ndcg@5",
+          "full_catalog_ndcg@10", "full_catalog_ndcg@20", "full_catalog_users", "num_examples")
 
 
 def format_table(results: dict) -> str:

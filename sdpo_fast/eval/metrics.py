@@ -20,8 +20,14 @@ def normalize_title(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip(_STRIP)
 
 
+MATCH_RULES = ("exact", "substring", "paper", "llara")
+
+
 def match_answer(answer: str, candidates: Sequence[str], match: str = "exact") -> list[int]:
-    """Indices of the candidates ``answer`` names (see the module docstring for the two rules)."""
+    """Indices of the candidates ``answer`` names under rule ``match`` (``MATCH_RULES``; the rules are
+    in the package docstring): ``"exact"`` normalised first line equals the title; ``"substring"``
+    normalised title inside the normalised answer; ``"paper"`` raw title inside the raw answer
+    (case-sensitive); ``"llara"`` lower-cased title inside the lower-cased answer."""
     if match == "exact":
         lines = answer.strip().splitlines()
         norm = normalize_title(lines[0]) if lines else ""
@@ -29,12 +35,21 @@ def match_answer(answer: str, candidates: Sequence[str], match: str = "exact") -
     if match == "substring":
         norm = normalize_title(answer)
         return [i for i, c in enumerate(candidates) if normalize_title(c) and normalize_title(c) in norm]
-    raise ValueError(f"match must be 'exact' or 'substring', got {match!r}")
+    if match == "paper":
+        return [i for i, c in enumerate(candidates) if c and c in answer]
+    if match == "llara":
+        low = answer.lower()
+        return [i for i, c in enumerate(candidates) if c.strip() and c.strip().lower() in low]
+    raise ValueError(f"match must be one of {', '.join(MATCH_RULES)}, got {match!r}")
 
 
 def generation_metrics(answers: Sequence[str], candidates: Sequence[Sequence[str]], target_indices: Sequence[int],
                        match: str = "exact") -> dict:
-    """``{"hit_ratio@1", "valid_ratio", "num_examples"}`` of generated answers."""
+    """``{"hit_ratio@1", "valid_ratio", "num_examples"}`` of generated answers under rule ``match``.
+
+    ValidRatio = answers naming exactly one candidate / all answers. HitRatio@1 = answers naming
+    exactly the target / all answers, except under ``"llara"``, where it is divided by the valid
+    answers only (LLaRA's definition; NaN when no answer is valid)."""
     if not (len(answers) == len(candidates) == len(target_indices)):
         raise ValueError("generation_metrics: answers, candidates and target_indices differ in length")
     if not answers:
@@ -42,6 +57,8 @@ def generation_metrics(answers: Sequence[str], candidates: Sequence[Sequence[str
     few = next((i for i, c in enumerate(candidates) if len(c) < 2), None)
     if few is not None:
         raise ValueError(f"generation_metrics: example {few} has fewer than 2 candidates (need >= 2)")
+    if match not in MATCH_RULES:
+        raise ValueError(f"match must be one of {', '.join(MATCH_RULES)}, got {match!r}")
     valid = hit = 0
     for a, c, t in zip(answers, candidates, target_indices):
         named = match_answer(a, c, match)
@@ -49,6 +66,8 @@ def generation_metrics(answers: Sequence[str], candidates: Sequence[Sequence[str
             valid += 1
             hit += named[0] == t
     n = len(answers)
+    if match == "llara":
+        return {"hit_ratio@1": hit / valid if valid else float("nan"), "valid_ratio": valid / n, "num_examples": n}
     return {"hit_ratio@1": hit / n, "valid_ratio": valid / n, "num_examples": n}
 
 

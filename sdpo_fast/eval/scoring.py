@@ -1,6 +1,6 @@
 """Model evaluation: candidate scoring through the shared-prefix path, greedy generation, the ranking
-and generation evaluations, and ``evaluate_features``, which the trainer calls with a ``Sharding``
-hook (each rank scores its shard, the hook gathers)."""
+and generation evaluations, and the ``Sharding`` hook ``protocols.evaluate_features`` and
+``full_catalog`` take (each rank scores its shard, the hook gathers)."""
 
 from __future__ import annotations
 
@@ -182,31 +182,3 @@ class Sharding:
     gather_rows: Callable[[torch.Tensor, int], torch.Tensor] = lambda t, n: t
     gather_objects: Callable[[list], list] = lambda xs: xs
     progress: bool = True
-
-
-def evaluate_features(model, tokenizer, features: Sequence[dict], *, ranking: bool = True, generation: bool = True,
-                      batch_size: int = 16, backend: str = "auto", sharding: Sharding = Sharding(),
-                      generate_kwargs: dict | None = None, generation_model=None) -> dict:
-    """Ranking and/or generation metrics (exact matching) of ``model`` on tokenised ``features``,
-    each process scoring its shard of them through ``sharding``; every process returns the metrics of
-    all of them. ``generation_model``: what ``generate`` is called on (default ``model``; the trainer
-    gives the unwrapped module of a DeepSpeed engine)."""
-    n = len(features)
-    mine = [features[i] for i in sharding.indices(n)]
-    targets = [int(f["target_index"]) for f in features]
-    result = {}
-    if ranking:
-        scores = score_candidates(model, mine, batch_size=batch_size, backend=backend,
-                                  pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0,
-                                  progress=sharding.progress)
-        width = max(len(f["candidate_ids"]) for f in features)  # same shape on every process for the gather
-        scores = torch.nn.functional.pad(scores, (0, width - scores.shape[1]), value=float("-inf"))
-        result.update(ranking_metrics(sharding.gather_rows(scores, n), targets))
-    if generation:
-        answers = greedy_generate(generation_model if generation_model is not None else model, tokenizer,
-                                  [f["prompt_ids"] for f in mine], max_new_tokens=default_max_new_tokens(features),
-                                  batch_size=batch_size, progress=sharding.progress, **(generate_kwargs or {}))
-        answers = sharding.gather_objects(answers)[:n]
-        gen = generation_metrics(answers, [f["candidates"] for f in features], targets)
-        result.update({k: v for k, v in gen.items() if k != "num_examples"}, match="exact")
-    return result
