@@ -17,15 +17,22 @@ Each row reports candidate ranking (HR@1, NDCG@5 over the 20 listed candidates),
 (HitRatio@1 with answers restricted to the candidate titles) and full-catalog ranking (HR@10, NDCG@10
 over every item but the user's history) on a seeded subset of ``--full_catalog_users`` test users.
 Writes ``<tag>.md``, ``<tag>.json`` and ``<tag>.log`` under ``benchmarks/results/``.
+
+``--jobs 2`` runs two rows at a time with one thread each (the first preference row, which computes
+the shared reference, runs beside the SFT row): on 2 cores that finishes the table sooner than one
+two-thread process per row, since a row's model load, tokenisation and decoding are mostly serial.
+A row's time is then its process's wall time beside another row.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +70,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sft_from", default=None, help="a merged SFT model folder to start from instead of training one")
     ap.add_argument("--tag", default="compare_ml100k", help="name of the result files and the runs/ folder")
     ap.add_argument("--rows", default=",".join(["SFT", *all_rows()]), help="rows to run, comma-separated")
+    ap.add_argument("--jobs", type=int, default=1, help="rows run at a time, each with cores/jobs threads")
     args = ap.parse_args(argv)
 
     known = {"SFT", *all_rows()}
@@ -95,21 +103,55 @@ def main(argv=None) -> int:
             sft_note = f"LoRA SFT on {sft_cfg['max_train_examples']} training examples, trained by this run"
         start = dict(cfg, model_name_or_path=str(sft_dir), **evaluation)
         start.pop("gguf_file", None)
+        jobs = max(1, args.jobs)
+        threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+        todo = []  # (name, cfg, run_dir)
         if "SFT" in wanted:
-            res, cost = run_train("SFT", dict(start, stage="eval", lora=False, eval_untrained=True), runs / "SFT", log)
-            rows["SFT"] = {"metrics": res["untrained"], **cost}
-        shared_ref = None
+            todo.append(("SFT", dict(start, stage="eval", lora=False, eval_untrained=True), runs / "SFT"))
         for name, settings in all_rows().items():
-            if name not in wanted:
-                continue
-            run_dir = runs / name.replace(" ", "_")
+            if name in wanted:
+                todo.append((name, dict(start, stage="sdpo", **settings), runs / name.replace(" ", "_")))
+        first_pref = next((i for i, (n, _, _) in enumerate(todo) if n != "SFT"), None)
+
+        def one(item):
+            name, row_cfg, run_dir = item
             run_dir.mkdir(parents=True, exist_ok=True)
-            if shared_ref is not None:  # the SFT model's log-probs of every candidate: the same for all rows
-                shutil.copyfile(shared_ref, run_dir / "reference_logps.pt")
-            res, cost = run_train(name, dict(start, stage="sdpo", **settings), run_dir, log)
-            shared_ref = shared_ref or run_dir / "reference_logps.pt"
-            rows[name] = {"metrics": next(v for key, v in res.items() if key != "untrained"), **cost,
-                          "settings": settings}
+            with open(run_dir / "row.log", "w") as row_log:
+                try:
+                    return run_train(name, row_cfg, run_dir, row_log, threads)
+                except SystemExit as exc:  # the row failed: the table says so, the other rows go on
+                    print(f"[compare] {exc}", flush=True)
+                    return None
+
+        def record(item, out):
+            name, row_cfg, run_dir = item
+            log.write((run_dir / "row.log").read_text())
+            log.flush()
+            if out is None:
+                rows[name] = {"metrics": {}, "failed": True}
+                return
+            res, cost = out
+            metrics = res["untrained"] if name == "SFT" else next(v for key, v in res.items() if key != "untrained")
+            rows[name] = {"metrics": metrics, **cost}
+            if name != "SFT":
+                rows[name]["settings"] = {k: row_cfg[k] for k in ("loss_type", "num_negatives", "negatives")}
+
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            # The first preference row computes the SFT model's log-probs of every candidate (the shared
+            # reference), beside the SFT row; every later row starts from a copy of them.
+            head = todo if first_pref is None else todo[: first_pref + 1]
+            rest = todo[len(head):]
+            for item, out in zip(head, pool.map(one, head)):
+                record(item, out)
+            if first_pref is not None:
+                shared_ref = todo[first_pref][2] / "reference_logps.pt"
+                for name, _, run_dir in rest:
+                    if name != "SFT":
+                        run_dir.mkdir(parents=True, exist_ok=True)
+                        shutil.copyfile(shared_ref, run_dir / "reference_logps.pt")
+            for item, out in zip(rest, pool.map(one, rest)):
+                record(item, out)
+        rows = {k: rows[k] for k in ["SFT training", *(name for name, _, _ in todo)] if k in rows}
         base, sample = baselines(cfg, args.seed)
         for name, metrics in base.items():
             rows[name] = {"metrics": metrics}
@@ -118,13 +160,14 @@ def main(argv=None) -> int:
     meta.update(start=sft_note, full_catalog_users=args.full_catalog_users, evaluation=evaluation["eval"])
     (results_dir / f"{args.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     command = " ".join(["python benchmarks/compare_ml100k.py", *(argv if argv is not None else sys.argv[1:])])
+    threads_note = (f" Rows ran {args.jobs} at a time, one thread each (`--jobs {args.jobs}`)." if args.jobs > 1 else "")
     text = (f"# The multi-negative family on real ML-100K with SmolLM2-135M (CPU)\n\n"
             f"`{command}` at commit `{meta['commit'][:10]}`, {meta['date']}, {meta['machine']}, torch {meta['torch']}; "
             f"total {total / 60:.1f} min.\n\n"
             f"Start of every row: {sft_note}. Preference rows: {sample['train_sample']} training examples from "
             f"{sample['train_sample_users']} users, one epoch, batch {cfg['batch_size']}, beta {cfg['beta']}, "
             f"seed {args.seed}. Test: {sample['test_sample']} examples from {sample['test_sample_users']} users; "
-            f"full-catalog ranking on {args.full_catalog_users} of them (seeded subset).\n\n"
+            f"full-catalog ranking on {args.full_catalog_users} of them (seeded subset).{threads_note}\n\n"
             + table(rows, METRICS) + "\n\nTime and memory: the row's whole `train.py` process (model load, "
             "tokenisation, reference log-probs when not shared, training, evaluation); peak = its maximum "
             "resident set. The baselines are fit on the same training sample (and on the whole training split).\n")

@@ -39,9 +39,9 @@ METRICS = (("hr@1", "HR@1"), ("ndcg@5", "NDCG@5"), ("mrr", "MRR"), ("hit_ratio@1
            ("valid_ratio", "ValidRatio"))
 
 
-def run_train(name, cfg, run_dir, log):
-    """One ``train.py`` process with ``cfg`` written to ``run_dir/config.yaml``:
-    ``(results, {"seconds", "cpu_seconds", "peak_mib"})``."""
+def run_train(name, cfg, run_dir, log, threads: int | None = None):
+    """One ``train.py`` process with ``cfg`` written to ``run_dir/config.yaml`` (``threads``: its
+    ``OMP_NUM_THREADS``, default inherited): ``(results, {"seconds", "cpu_seconds", "peak_mib"})``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     # The folder already holds this config (and maybe the shared reference cache, which train.py checks
     # against its fingerprint): train.py refuses a non-empty output folder without overwrite_output_dir.
@@ -50,6 +50,8 @@ def run_train(name, cfg, run_dir, log):
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(run_dir / "config.yaml")]
     # Passive OpenMP waits: on a shared machine spinning threads would count as work in the CPU time.
     env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     log.write(f"\n===== {name}: {' '.join(cmd)}\n")
     log.flush()
     print(f"[reproduce] {name} ...", flush=True)
