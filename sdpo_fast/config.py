@@ -114,7 +114,14 @@ class TrainArguments:
     max_steps: int | None = field(default=None, metadata={"help": "stop each stage after this many steps"})
     eval: str = field(default="both", metadata={"help": "none | ranking | generation | both"})
     eval_untrained: bool = field(default=True, metadata={"help": "evaluate before training as a baseline"})
-    log_every: int = 1
+    log_every: int = field(
+        default=1, metadata={"help": "log (and read the metrics from the device) every N steps; the values are means over them"}
+    )
+    dataloader_num_workers: int | None = field(
+        default=None,
+        metadata={"help": "processes collating batches (default: 2 on CUDA, 0 on CPU; 0: on the training thread; "
+                          "hard negatives always collate on the training thread)"},
+    )
 
 
 ALL_ARGS = (ModelArguments, DataArguments, TrainArguments)
@@ -224,6 +231,7 @@ def _number_checks(model_args, data_args, train_args) -> list[str]:
         ("max_steps", train_args.max_steps, at_least_1, True),
         ("save_steps", train_args.save_steps, (lambda v: v >= 0, ">= 0 (0: a checkpoint at the end of each stage only)"), False),
         ("log_every", train_args.log_every, at_least_1, False),
+        ("dataloader_num_workers", train_args.dataloader_num_workers, at_least_0, True),
         ("max_prompt_tokens", data_args.max_prompt_tokens, at_least_1, False),
         ("max_train_examples", data_args.max_train_examples, at_least_1, True),
         ("max_eval_examples", data_args.max_eval_examples, at_least_1, True),
