@@ -47,6 +47,23 @@ def output_weight(lm) -> torch.Tensor:
     return head.weight
 
 
+_NO_MASK: dict = {}
+
+
+def _no_mask(device: torch.device) -> torch.Tensor:
+    """A 4-D ``[0, 1, 1, 1]`` placeholder given as ``attention_mask`` to the packed call.
+
+    transformers returns a 4-D mask as it is, before its packed-sequence detection from the
+    restarting ``position_ids``, which reads a device tensor on the host (``bool(tensor)``: one sync
+    per forward, and no CUDA-graph capture). The shared-prefix attention never reads the mask; it
+    derives the rule from the batch metadata. Cached per device: no allocation per call.
+    """
+    key = str(device)
+    if key not in _NO_MASK:
+        _NO_MASK[key] = torch.empty((0, 1, 1, 1), dtype=torch.bool, device=device)
+    return _NO_MASK[key]
+
+
 def _final_hidden(lm, batch: PackedBatch, backend: str) -> torch.Tensor:
     """``[R, L, D]`` final hidden states of the packed batch through shared-prefix attention."""
     enable_shared_prefix(lm)
@@ -54,6 +71,7 @@ def _final_hidden(lm, batch: PackedBatch, backend: str) -> torch.Tensor:
         out = lm.get_decoder()(
             input_ids=batch.input_ids,
             position_ids=batch.position_ids,
+            attention_mask=_no_mask(batch.device),
             use_cache=False,
             sdpo_batch=batch,
             sdpo_attention_backend=_attention_backend_for(backend),
@@ -101,7 +119,8 @@ def _run(model, lm, fn):
         return model()
 
 
-def candidate_logprobs(model, batch: PackedBatch, backend: str = "auto", options: dict | None = None) -> torch.Tensor:
+def candidate_logprobs(model, batch: PackedBatch, backend: str = "auto", options: dict | None = None, *,
+                       check_ids: bool = True) -> torch.Tensor:
     """Sequence log-probs of every candidate of every group, in one forward over the packed rows.
 
     Args:
@@ -113,16 +132,19 @@ def candidate_logprobs(model, batch: PackedBatch, backend: str = "auto", options
             op; attention uses the same backend where one is registered (``"triton"`` for
             ``"cublas"``), else the torch reference.
         options: the log-prob backend's tuning knobs (``sequence_logprobs``'s options), or None.
+        check_ids: check the token ids against the vocabulary here (one host sync); False when
+            ``pack_groups`` was given ``vocab_size`` and checked them on the host already.
 
     Returns:
         ``[G, C]`` float32, 0 where ``batch.candidate_mask`` is False; differentiable when grad is on.
 
     Raises ``ValueError`` when a token id lies outside the model's vocabulary (checked here too, as
-    ``pack_groups`` checks only when given ``vocab_size``; one host sync per call).
+    ``pack_groups`` checks only when given ``vocab_size``; one host sync per call, ``check_ids``).
     """
     lm = unwrap_causal_lm(model)
     output_weight(lm)
-    _check_vocabulary(lm, batch)
+    if check_ids:
+        _check_vocabulary(lm, batch)
 
     def run():
         hidden = _final_hidden(lm, batch, backend)

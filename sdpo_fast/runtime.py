@@ -195,7 +195,7 @@ class Runtime:
         loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm_t = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        loss_value, norm = torch.stack([value, norm_t.detach().float().reshape(()).to(value.device)]).tolist()
+        loss_value, norm = torch.stack([value, norm_t.detach().float().reshape(())]).tolist()
         if watch_loss and not np.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(f"loss is {loss_value}")

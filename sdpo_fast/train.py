@@ -349,7 +349,8 @@ def run_stage(stage, runtime, tokenizer, train_ds, data_args, train_args, log, s
             else:
                 with torch.no_grad(), switch.off():
                     ref = candidate_logprobs(runtime.model, packed, backend=train_args.backend,
-                                             options=(train_args.backend_options or {}).get("logprobs"))
+                                             options=(train_args.backend_options or {}).get("logprobs"),
+                                             check_ids=False)  # the collator's pack_groups checked them
             loss, metrics = candidate_sdpo_loss(
                 runtime.model, packed, ref, beta=beta, sft_weight=sft_weight, backend=train_args.backend,
                 options=(train_args.backend_options or {}).get("sdpo_loss"),
