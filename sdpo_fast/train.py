@@ -245,6 +245,9 @@ class _Pinnable(tuple):
     def __new__(cls, batch, ref):
         return super().__new__(cls, (batch, ref))
 
+    def __getnewargs__(self):  # pickled from the worker processes
+        return tuple(self)
+
     def pin_memory(self):
         batch, ref = self
         packed = batch.packed
