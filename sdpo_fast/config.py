@@ -141,7 +141,14 @@ class TrainArguments:
         default=1, metadata={"help": "--eval constrained: 1 = greedy, else beam search over the candidate trie"}
     )
     eval_untrained: bool = field(default=True, metadata={"help": "evaluate before training as a baseline"})
-    log_every: int = 1
+    log_every: int = field(
+        default=1, metadata={"help": "log (and read the metrics from the device) every N steps; the values are means over them"}
+    )
+    dataloader_num_workers: int | None = field(
+        default=None,
+        metadata={"help": "processes collating batches (default: 2 on CUDA, 0 on CPU; 0: on the training thread; "
+                          "hard negatives always collate on the training thread)"},
+    )
 
 
 ALL_ARGS = (ModelArguments, DataArguments, TrainArguments)
@@ -275,6 +282,7 @@ def _number_checks(model_args, data_args, train_args) -> list[str]:
         ("full_catalog_users", train_args.full_catalog_users, at_least_1, False),
         ("full_catalog_chunk_tokens", train_args.full_catalog_chunk_tokens, at_least_1, False),
         ("constrained_num_beams", train_args.constrained_num_beams, at_least_1, False),
+        ("dataloader_num_workers", train_args.dataloader_num_workers, at_least_0, True),
         ("max_prompt_tokens", data_args.max_prompt_tokens, at_least_1, False),
         ("max_train_examples", data_args.max_train_examples, at_least_1, True),
         ("max_eval_examples", data_args.max_eval_examples, at_least_1, True),

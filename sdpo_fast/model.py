@@ -119,7 +119,8 @@ def _run(model, lm, fn):
         return model()
 
 
-def candidate_logprobs(model, batch: PackedBatch, backend: str = "auto", options: dict | None = None) -> torch.Tensor:
+def candidate_logprobs(model, batch: PackedBatch, backend: str = "auto", options: dict | None = None, *,
+                       check_ids: bool = True) -> torch.Tensor:
     """Sequence log-probs of every candidate of every group, in one forward over the packed rows.
 
     Args:
@@ -131,16 +132,19 @@ def candidate_logprobs(model, batch: PackedBatch, backend: str = "auto", options
             op; attention uses the same backend where one is registered (``"triton"`` for
             ``"cublas"``), else the torch reference.
         options: the log-prob backend's tuning knobs (``sequence_logprobs``'s options), or None.
+        check_ids: check the token ids against the vocabulary here (one host sync); False when
+            ``pack_groups`` was given ``vocab_size`` and checked them on the host already.
 
     Returns:
         ``[G, C]`` float32, 0 where ``batch.candidate_mask`` is False; differentiable when grad is on.
 
     Raises ``ValueError`` when a token id lies outside the model's vocabulary (checked here too, as
-    ``pack_groups`` checks only when given ``vocab_size``; one host sync per call).
+    ``pack_groups`` checks only when given ``vocab_size``; one host sync per call, ``check_ids``).
     """
     lm = unwrap_causal_lm(model)
     output_weight(lm)
-    _check_vocabulary(lm, batch)
+    if check_ids:
+        _check_vocabulary(lm, batch)
 
     def run():
         hidden = _final_hidden(lm, batch, backend)

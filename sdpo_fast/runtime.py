@@ -43,6 +43,15 @@ def all_mean(values: dict[str, float]) -> dict[str, float]:
     return {k: v / world_size() for k, v in zip(keys, t.tolist())}
 
 
+def all_mean_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Mean of ``t`` over ranks, on its device (identity in one process; no host sync on CUDA)."""
+    if not is_distributed():
+        return t
+    t = t.clone()
+    torch.distributed.all_reduce(t)
+    return t / world_size()
+
+
 def all_gather_rows(t: torch.Tensor, n_total: int) -> torch.Tensor:
     """Concatenate rank-major shards of equal size ``[n, ...]`` and keep the first ``n_total`` rows."""
     if not is_distributed():
@@ -108,6 +117,12 @@ class NonFiniteError(ArithmeticError):
     """A non-finite loss or gradient norm; the step was not applied."""
 
 
+def _fused_adamw_ok(params, device) -> bool:
+    """``AdamW(fused=True)``: one kernel per step instead of a loop, when every parameter is a CUDA
+    floating tensor (the fused path has no CPU version)."""
+    return device.type == "cuda" and bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+
+
 class Runtime:
     """Model + optimizer, plain PyTorch or DeepSpeed.
 
@@ -121,12 +136,12 @@ class Runtime:
     def __init__(self, model, *, deepspeed_config, batch_size, max_grad_norm, weight_decay, bf16, device):
         self.max_grad_norm = max_grad_norm
         self.device = device
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=weight_decay)
         self.engine = None
         if deepspeed_config is not None:
             import deepspeed
 
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=weight_decay)
             with open(deepspeed_config) as f:
                 cfg = json.load(f)
             cfg["train_micro_batch_size_per_gpu"] = batch_size
@@ -139,7 +154,9 @@ class Runtime:
             self.model = self.engine
         else:
             self.model = model.to(device)
-            self.optimizer = optimizer
+            params = [p for p in model.parameters() if p.requires_grad]
+            fused = {"fused": True} if _fused_adamw_ok(params, device) else {}
+            self.optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=weight_decay, **fused)
         self.stage3 = self.engine is not None and self.engine.zero_optimization_stage() == 3
 
     @property
@@ -150,29 +167,44 @@ class Runtime:
     def train(self, mode: bool = True):
         self.model.train(mode)
 
-    def backward_and_step(self, loss: torch.Tensor, lr: float) -> float:
-        """Backward, clip, optimizer step at learning rate ``lr``; returns the gradient norm.
+    def backward_and_step(self, loss: torch.Tensor, lr: float, watch_loss: bool = False) -> tuple[float, float]:
+        """Backward, clip, optimizer step at learning rate ``lr``; returns ``(loss, gradient norm)`` as
+        floats, read from the device in ONE host transfer (the step's only sync outside logging).
 
-        In one process a non-finite gradient norm skips the optimizer step (the weights stay those of
-        the last good step) and raises ``NonFiniteError``; the DeepSpeed engine steps first, so the
-        caller checks the returned norm there.
+        ``watch_loss``: a non-finite loss (on any rank) raises ``NonFiniteError("loss is ...")``
+        before the step is applied. In one process a non-finite gradient norm skips the optimizer step
+        too (the weights stay those of the last good step) and raises ``NonFiniteError``; the DeepSpeed
+        engine steps first, so the caller checks the returned norm there.
         """
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        value = loss.detach().float().reshape(())
         if self.engine is not None:
             self.engine.backward(loss)
+            if watch_loss:  # every rank learns whether any rank's loss is bad before the engine steps
+                bad = all_mean_tensor((~torch.isfinite(value)).to(torch.float32))
+                loss_value, bad_value = torch.stack([value, bad]).tolist()
+                if bad_value > 0:
+                    raise NonFiniteError(f"loss is {loss_value if not np.isfinite(loss_value) else 'non-finite on another rank'}")
+            else:
+                loss_value = float("nan")
             self.engine.step()
             norm = self.engine.get_global_grad_norm()
-            return float(norm) if norm is not None else float("nan")
+            norm = float("nan") if norm is None else (norm if isinstance(norm, float) else float(norm))
+            return loss_value, norm
         loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        norm_t = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        loss_value, norm = torch.stack([value, norm_t.detach().float().reshape(())]).tolist()
+        if watch_loss and not np.isfinite(loss_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(f"loss is {loss_value}")
         if not np.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(f"gradient norm {norm}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return loss_value, norm
 
     def reset_optimizer_state(self) -> None:
         """Fresh Adam moments for a new stage (as if S-DPO were a new run from the SFT weights)."""

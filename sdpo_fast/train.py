@@ -27,6 +27,7 @@ of stderr with exit status 2.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -43,8 +44,8 @@ from .errors import UserError, cli
 from .model import candidate_logprobs, candidate_sdpo_loss, unwrap_causal_lm
 from .outputs import MetricsLog, prepare_output_dir, write_json_atomic
 from .runtime import (
-    NonFiniteError, Runtime, Schedule, all_gather_objects, all_gather_rows, all_mean, barrier, rank, seed_everything,
-    world_size,
+    NonFiniteError, Runtime, Schedule, all_gather_objects, all_gather_rows, all_mean_tensor, barrier, rank,
+    seed_everything, world_size,
 )
 from .stopping import GracefulStop, Stopped
 
@@ -125,7 +126,9 @@ def build_model(model_args, splits, output_dir, bf16):
             target_modules=targets,
             task_type="CAUSAL_LM",
         )
-        model = peft.get_peft_model(model, cfg)
+        from .adapters import lora_model
+
+        model = lora_model(model, cfg)  # adapters in the base dtype (bf16 base: bf16 adapters)
     if model_args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return tokenizer, model
@@ -202,6 +205,89 @@ def reference_logps(runtime, tokenizer, features, train_args, cache_path, key: d
     return logps
 
 
+class StepBatches(torch.utils.data.Dataset):
+    """Item ``step`` of a stage: that step's collated batch for this rank, with its reference log-probs
+    gathered on the host. A ``torch.utils.data.DataLoader`` (``batch_size=None``) runs it in worker
+    processes; the batches are those of ``epoch_order`` whatever the number of workers, so a resumed
+    run continues with exactly the batches that would have come next.
+
+    Item: ``(SDPOBatch, ref)`` with ``ref`` ``[G, C]`` float32 (zeros where ``candidate_mask`` is
+    False) or None when there is no precomputed reference.
+    """
+
+    def __init__(self, collator, train_ds, *, batch_size, world_size, rank, seed, stage, ref_all=None):
+        self.collator, self.train_ds, self.ref_all = collator, train_ds, ref_all
+        self.B, self.W, self.r, self.seed, self.stage = batch_size, world_size, rank, seed, stage
+        self.n = len(train_ds)
+        self.per_epoch = self.n // (batch_size * world_size)
+
+    def indices(self, step: int) -> tuple[int, list[int]]:
+        """``(epoch, example rows)`` of this rank's slice of global batch ``step``."""
+        epoch, pos = divmod(step, self.per_epoch)
+        order = epoch_order(self.n, self.seed, self.stage, epoch)
+        B, W, r = self.B, self.W, self.r
+        return epoch, order[(pos * W + r) * B : (pos * W + r + 1) * B].tolist()
+
+    def __getitem__(self, step: int):
+        epoch, idx = self.indices(step)
+        self.collator.set_epoch(epoch)
+        batch = self.collator([self.train_ds[i] for i in idx])
+        ref = None
+        if self.ref_all is not None:
+            cols = batch.candidate_index.clamp(min=0)
+            ref = self.ref_all[batch.idx].gather(1, cols).masked_fill(~batch.packed.candidate_mask, 0.0)
+        return _Pinnable(batch, ref)
+
+
+class _Pinnable(tuple):
+    """``(batch, ref)`` that the DataLoader's pin-memory thread knows how to pin."""
+
+    def __new__(cls, batch, ref):
+        return super().__new__(cls, (batch, ref))
+
+    def __getnewargs__(self):  # pickled from the worker processes
+        return tuple(self)
+
+    def pin_memory(self):
+        batch, ref = self
+        packed = batch.packed
+        pinned = {f.name: getattr(packed, f.name).pin_memory() for f in dataclasses.fields(packed)
+                  if isinstance(getattr(packed, f.name), torch.Tensor)}
+        batch = dataclasses.replace(batch, packed=dataclasses.replace(packed, **pinned),
+                                    candidate_index=batch.candidate_index.pin_memory(), idx=batch.idx.pin_memory())
+        return _Pinnable(batch, ref.pin_memory() if ref is not None else None)
+
+
+def _as_is(item):
+    return item
+
+
+def step_loader(dataset: StepBatches, start_step: int, total: int, num_workers: int, device) -> torch.utils.data.DataLoader:
+    """Batches of steps ``start_step .. total - 1`` in order, collated in ``num_workers`` processes
+    (0: on this thread), pinned on CUDA so the copies to the device are asynchronous."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=range(start_step, total), num_workers=num_workers,
+        collate_fn=_as_is, pin_memory=device.type == "cuda", prefetch_factor=2 if num_workers else None,
+        generator=torch.Generator().manual_seed(0),  # the loader's seed draw leaves the global RNG alone
+    )
+
+
+def dataloader_workers(train_args, data_args, sdpo: bool, device) -> int:
+    """``--dataloader_num_workers`` (default: 2 on CUDA, 0 on CPU, where a worker would take a core
+    from the compute threads); 0 for hard and boundary negatives, which score with the policy on this
+    thread."""
+    if sdpo and data_args.negatives in ("hard", "boundary"):
+        return 0
+    n = getattr(train_args, "dataloader_num_workers", None)
+    return (2 if device.type == "cuda" else 0) if n is None else n
+
+
+def _read_logged(sums: torch.Tensor, count: int, keys: list[str]) -> dict[str, float]:
+    """The device-side metric sums ``[len(keys)]`` of a logging interval, averaged over its steps and
+    ranks: the one host read of a logging step (tests spy on it as the logging seam)."""
+    return dict(zip(keys, (all_mean_tensor(sums) / count).tolist()))
+
+
 def run_stage(stage, runtime, tokenizer, train_ds, data_args, train_args, log, start_step=0, on_save=None,
               ref_all=None, stop=None):
     """Train one stage; returns the number of steps it ran in total.
@@ -209,7 +295,12 @@ def run_stage(stage, runtime, tokenizer, train_ds, data_args, train_args, log, s
     ``ref_all``: ``[N, C]`` precomputed reference log-probs (S-DPO with ``--reference precompute``).
     ``stop``: a ``GracefulStop``; when it reports a signal after a step, that step's checkpoint is
     written (``on_save``) and ``Stopped`` raised.
+
+    Host syncs: one per optimizer step (the loss and gradient norm, read together, which also stops
+    the run at a non-finite value before the step is applied) plus one per logging step (the metrics,
+    summed on the device over the interval). The batch arrives pinned and is copied asynchronously.
     """
+    from .adapters import AdapterSwitch
     from .data import SDPOCollator
 
     sdpo = stage == "sdpo"
@@ -239,62 +330,65 @@ def run_stage(stage, runtime, tokenizer, train_ds, data_args, train_args, log, s
 
     if sdpo and train_args.reference == "precompute" and ref_all is None:
         raise ValueError("run_stage: S-DPO with a precomputed reference needs ref_all")
+    live = sdpo and ref_all is None
+    switch = AdapterSwitch(runtime.module) if live else None
+    device = runtime.device
+    dataset = StepBatches(collator, train_ds, batch_size=B, world_size=W, rank=r, seed=train_args.seed, stage=stage,
+                          ref_all=ref_all.float() if (sdpo and ref_all is not None) else None)
+    loader = step_loader(dataset, start_step, total, dataloader_workers(train_args, data_args, sdpo, device), device)
+    keys = ["loss", "reward_accuracy", "reward_margin", "chosen_logp"] if sdpo else ["loss", "chosen_logp"]
+    sums, count, tokens, t_log = None, 0, 0, time.perf_counter()
+    beta, sft_weight = (train_args.beta, train_args.sft_weight) if sdpo else (1.0, 1.0)
     runtime.train()
     bar = tqdm(total=total, initial=start_step, desc=stage, disable=r != 0, dynamic_ncols=True)
     try:
-        for step in range(start_step, total):
-            t0 = time.perf_counter()
-            epoch, pos = divmod(step, per_epoch)
-            order = epoch_order(n, train_args.seed, stage, epoch)
-            idx = order[(pos * W + r) * B : (pos * W + r + 1) * B].tolist()
-            collator.set_epoch(epoch)
-            batch = collator([train_ds[i] for i in idx]).to(runtime.device)
+        for step, (batch, ref) in zip(range(start_step, total), loader):
+            epoch = step // per_epoch
+            batch = batch.to(device, non_blocking=True)
             packed = batch.packed
             if not sdpo:
-                ref = torch.zeros(packed.candidate_mask.shape, device=runtime.device)
-                beta, sft_weight = 1.0, 1.0
-            elif ref_all is not None:
-                cols = batch.candidate_index.clamp(min=0).cpu()
-                ref = ref_all[batch.idx.cpu()].gather(1, cols).masked_fill(~packed.candidate_mask.cpu(), 0.0)
-                ref = ref.to(runtime.device)
-                beta, sft_weight = train_args.beta, train_args.sft_weight
+                ref = torch.zeros(packed.candidate_mask.shape, device=device)
+            elif ref is not None:
+                ref = ref.to(device, non_blocking=True)
             else:
-                with torch.no_grad(), runtime.module.disable_adapter():
+                with torch.no_grad(), switch.off():
                     ref = candidate_logprobs(runtime.model, packed, backend=train_args.backend,
-                                             options=(train_args.backend_options or {}).get("logprobs"))
-                beta, sft_weight = train_args.beta, train_args.sft_weight
+                                             options=(train_args.backend_options or {}).get("logprobs"),
+                                             check_ids=False)  # the collator's pack_groups checked them
             loss, metrics = candidate_sdpo_loss(
                 runtime.model, packed, ref, beta=beta, sft_weight=sft_weight, backend=train_args.backend,
                 options=(train_args.backend_options or {}).get("sdpo_loss"),
                 loss_type=train_args.loss_type if sdpo else "sdpo",
             )
             lr_now = schedule(step)
-            loss_value = loss.item()
             where = f"{stage} step {step + 1}"
-            if all_mean({"bad": float(not math.isfinite(loss_value))})["bad"] > 0:  # every rank stops together
-                raise NonFiniteError(f"the loss is {loss_value if not math.isfinite(loss_value) else 'non-finite on another rank'} at {where}")
             try:
-                grad_norm = runtime.backward_and_step(loss, lr_now)
-            except NonFiniteError as exc:
+                _, grad_norm = runtime.backward_and_step(loss, lr_now, watch_loss=True)
+            except NonFiniteError as exc:  # every rank stops together: the loss flag was all-reduced
                 raise NonFiniteError(f"the {exc} at {where}") from None
             if not math.isfinite(grad_norm):  # the DeepSpeed engine has stepped already
                 raise NonFiniteError(f"the gradient norm is {grad_norm} at {where}")
-            values = {"loss": loss_value}
-            if sdpo:
-                values["reward_accuracy"] = metrics["accuracy"].nanmean().item()
-                values["reward_margin"] = metrics["reward_margins"].nanmean().item()
-            values["chosen_logp"] = metrics["logps"][:, 0].mean().item()
-            values = all_mean(values)
-            dt = time.perf_counter() - t0
-            tokens_per_s = packed.num_tokens * W / dt
-            record = {"stage": stage, "step": step + 1, "epoch": epoch, "lr": lr_now, "grad_norm": grad_norm,
-                      "tokens_per_s": tokens_per_s, **values}
+            with torch.no_grad():
+                parts = [loss.detach()]
+                if sdpo:
+                    parts += [metrics["accuracy"].nanmean(), metrics["reward_margins"].nanmean()]
+                parts.append(metrics["logps"][:, 0].mean())
+                now = torch.stack([p.float() for p in parts])
+                sums = now if sums is None else sums + now
+            count += 1
+            tokens += packed.num_tokens * W
             if (step + 1) % train_args.log_every == 0 or step + 1 == total:
+                values = _read_logged(sums, count, keys)
+                dt = time.perf_counter() - t_log
+                tokens_per_s = tokens / dt
+                record = {"stage": stage, "step": step + 1, "epoch": epoch, "lr": lr_now, "grad_norm": grad_norm,
+                          "tokens_per_s": tokens_per_s, **values}
                 log.write(record, step=step + 1)
-            shown = {"loss": f"{values['loss']:.4f}", "tok/s": f"{tokens_per_s:,.0f}"}
-            if sdpo:
-                shown["acc"] = f"{values['reward_accuracy']:.2f}"
-            bar.set_postfix(shown)
+                shown = {"loss": f"{values['loss']:.4f}", "tok/s": f"{tokens_per_s:,.0f}"}
+                if sdpo:
+                    shown["acc"] = f"{values['reward_accuracy']:.2f}"
+                bar.set_postfix(shown, refresh=False)
+                sums, count, tokens, t_log = None, 0, 0, time.perf_counter()
             bar.update(1)
             signum = stop.requested() if stop is not None else None
             periodic = train_args.save_steps and (step + 1) % train_args.save_steps == 0 and step + 1 < total

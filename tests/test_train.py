@@ -161,6 +161,18 @@ def test_resume_reproduces_the_following_losses(tmp_path):
 
 
 @pytest.mark.slow  # end-to-end training
+def test_dataloader_workers_give_the_same_run(tmp_path):
+    """Batches collated in two DataLoader worker processes are those of the training thread: the
+    losses are bit-identical, and resuming from a checkpoint of the worker run continues it exactly."""
+    train_in_process(RESUME + ["--dataloader_num_workers", "0"], tmp_path / "a")
+    train_in_process(RESUME + ["--dataloader_num_workers", "2", "--save_steps", "2"], tmp_path / "b")
+    _same_losses(metrics(tmp_path / "b"), metrics(tmp_path / "a"))
+    train_in_process(RESUME + ["--dataloader_num_workers", "0", "--resume_from_checkpoint",
+                               str(tmp_path / "b" / "checkpoint-sdpo-4")], tmp_path / "c")
+    _same_losses(metrics(tmp_path / "c"), metrics(tmp_path / "a"))
+
+
+@pytest.mark.slow  # end-to-end training
 @pytest.mark.parametrize("sig, stage, step", [(signal.SIGTERM, "sdpo", 2), (signal.SIGINT, "sft", 3)],
                          ids=["sigterm", "sigint"])
 def test_signal_stops_with_a_checkpoint_and_resume_is_exact(tmp_path, capsys, monkeypatch, sig, stage, step):
