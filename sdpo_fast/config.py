@@ -147,7 +147,7 @@ class TrainArguments:
     dataloader_num_workers: int | None = field(
         default=None,
         metadata={"help": "processes collating batches (default: 2 on CUDA, 0 on CPU; 0: on the training thread; "
-                          "hard negatives always collate on the training thread)"},
+                          "hard and boundary negatives always collate on the training thread)"},
     )
 
 
