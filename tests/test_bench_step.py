@@ -94,6 +94,7 @@ def test_without_fused_ce_b_is_skipped_with_a_note(bench, tmp_path):
     assert "png" not in paths and "(b) skipped" in paths["md"].read_text()
 
 
+@pytest.mark.slow  # end to end: benchmark cells run whole
 def test_out_of_memory_halves_the_micro_batch_then_marks_oom(bench, tmp_path, monkeypatch):
     """(a) runs out of memory above one group per micro-batch at K = 1 (so it accumulates over 4
     micro-batches) and at every size at K = 3 ("OOM"), while (c) runs the whole step at once."""
@@ -167,6 +168,7 @@ def test_gradient_accumulation_matches_one_micro_batch(bench, key):
     assert grads[4].abs().max() > 0
 
 
+@pytest.mark.slow  # end to end: benchmark cells run whole
 def test_bf16_rows_are_checked_against_an_fp32_copy(bench, tmp_path):
     """In 16 bits every method, (a) included, is measured against (a) on an fp32 copy of the model;
     (c)'s log-probs are no further from that reference than twice (a)'s (plus the floor)."""

@@ -103,6 +103,7 @@ def test_several_config_errors_one_line_each(tmp_path, capsys):
     assert lines == ["error: --beta must be > 0, got nan", "error: --max_steps must be >= 1, got 0"]
 
 
+@pytest.mark.slow  # end to end: every --eval protocol through train.py
 def test_eval_protocols_match_the_api(tmp_path):
     """``--eval ranking,generation,constrained,full_catalog`` on an untrained tiny model: every result key
     is there, and the constrained and full-catalog figures are those of the API on the exported model."""
