@@ -105,6 +105,14 @@ def policy_scores(
     return pools, scores[:, 0].tolist(), scores[:, 1:]
 
 
+def _check_choice(name: str, prompts, candidates, target_indices, k: int) -> None:
+    """The checks shared by the policy-scored choices: aligned inputs, and K within every example's pool."""
+    if not (len(prompts) == len(candidates) == len(target_indices)):
+        raise ValueError(f"{name}: prompts, candidates and target_indices differ in length")
+    for c, t in zip(candidates, target_indices):
+        _check_k(k, len(non_target_indices(len(c), t)))
+
+
 def hard_negatives(
     model,
     prompts: Sequence[Sequence[int]],
@@ -122,10 +130,7 @@ def hard_negatives(
     Returns:
         ``G`` lists of ``k`` indices into each example's candidate list.
     """
-    if not (len(prompts) == len(candidates) == len(target_indices)):
-        raise ValueError("hard_negatives: prompts, candidates and target_indices differ in length")
-    for c, t in zip(candidates, target_indices):
-        _check_k(k, len(non_target_indices(len(c), t)))
+    _check_choice("hard_negatives", prompts, candidates, target_indices, k)
     if k == 0:
         return [[] for _ in prompts]
     pools, _, scores = policy_scores(model, prompts, candidates, target_indices, backend=backend,
@@ -160,13 +165,10 @@ def boundary_negatives(
     Returns:
         ``G`` lists of ``k`` indices into each example's candidate list.
     """
-    if not (len(prompts) == len(candidates) == len(target_indices)):
-        raise ValueError("boundary_negatives: prompts, candidates and target_indices differ in length")
+    _check_choice("boundary_negatives", prompts, candidates, target_indices, k)
     keys = [str(i) for i in range(len(prompts))] if keys is None else list(keys)
     if len(keys) != len(prompts):
         raise ValueError("boundary_negatives: keys and prompts differ in length")
-    for c, t in zip(candidates, target_indices):
-        _check_k(k, len(non_target_indices(len(c), t)))
     if k == 0:
         return [[] for _ in prompts]
     pools, target_scores, scores = policy_scores(model, prompts, candidates, target_indices, backend=backend,
