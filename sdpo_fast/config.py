@@ -149,6 +149,15 @@ class TrainArguments:
         metadata={"help": "processes collating batches (default: 2 on CUDA, 0 on CPU; 0: on the training thread; "
                           "hard and boundary negatives always collate on the training thread)"},
     )
+    cuda_graphs: bool = field(
+        default=False,
+        metadata={"help": "CUDA only, not with --deepspeed: pack each step's groups into a shape bucket and replay its "
+                          "forward + backward from a CUDA graph captured once per bucket (README, CUDA graphs)"},
+    )
+    cuda_graph_buckets: int = field(
+        default=8, metadata={"help": "--cuda_graphs: graphs kept (one per bucket; each holds its own activation "
+                                     "memory); steps of further buckets run eagerly"}
+    )
 
 
 ALL_ARGS = (ModelArguments, DataArguments, TrainArguments)
@@ -283,6 +292,7 @@ def _number_checks(model_args, data_args, train_args) -> list[str]:
         ("full_catalog_chunk_tokens", train_args.full_catalog_chunk_tokens, at_least_1, False),
         ("constrained_num_beams", train_args.constrained_num_beams, at_least_1, False),
         ("dataloader_num_workers", train_args.dataloader_num_workers, at_least_0, True),
+        ("cuda_graph_buckets", train_args.cuda_graph_buckets, at_least_1, False),
         ("max_prompt_tokens", data_args.max_prompt_tokens, at_least_1, False),
         ("max_train_examples", data_args.max_train_examples, at_least_1, True),
         ("max_eval_examples", data_args.max_eval_examples, at_least_1, True),
@@ -334,6 +344,11 @@ def validate(model_args: ModelArguments, data_args: DataArguments, train_args: T
         problems.append(str(exc))
     if train_args.full_catalog_prompt not in ("history", "listed"):
         problems.append(f"--full_catalog_prompt must be history or listed, got {train_args.full_catalog_prompt!r}")
+    if train_args.cuda_graphs and train_args.deepspeed is not None:
+        problems.append("--cuda_graphs does not run under --deepspeed (ZeRO's hooks gather and reduce on the host "
+                        "side of every step)")
+    if train_args.cuda_graphs and train_args.backend not in ("auto", "cublas", "triton"):
+        problems.append(f"--cuda_graphs needs --backend auto, cublas or triton (the CUDA kernels), got {train_args.backend!r}")
     if train_args.deepspeed is not None and not os.path.isfile(train_args.deepspeed):
         problems.append(f"--deepspeed: no such file {train_args.deepspeed}")
     if data_args.dataset != "synthetic":

@@ -275,6 +275,7 @@ class GroupLoss:
     beta: float
     sft_weight: float
     loss_type: str = "sdpo"
+    padding_groups: int = 0  # trailing bucket-padding groups: loss and gradient 0 (sdpo_fast.buckets)
 
     @property
     def loss_code(self) -> int:
@@ -282,8 +283,14 @@ class GroupLoss:
         return loss_code(self.loss_type)
 
     def __call__(self, logps: torch.Tensor, groups: slice = slice(None)):
-        return group_loss_and_grad(logps, self.ref_logps[groups], self.candidate_mask[groups],
-                                   self.candidate_lens[groups], self.beta, self.sft_weight, self.loss_type)
+        loss_g, grad = group_loss_and_grad(logps, self.ref_logps[groups], self.candidate_mask[groups],
+                                           self.candidate_lens[groups], self.beta, self.sft_weight, self.loss_type)
+        if self.padding_groups:
+            G = self.candidate_mask.shape[0]
+            index = torch.arange(G, device=logps.device)[groups]
+            real = index < G - self.padding_groups
+            loss_g, grad = torch.where(real, loss_g, 0.0), torch.where(real[:, None], grad, 0.0)
+        return loss_g, grad
 
 
 def loss_and_grads(impl, hidden, weight, batch: PackedBatch, loss: GroupLoss, need_h, need_w, opts):
@@ -357,7 +364,9 @@ def fused_sdpo_loss(
         options: the backend's tuning knobs, fields of its ``Options`` (README, "Backend options").
 
     Returns:
-        ``(loss, metrics)``: fp32 scalar, and ``sdpo_metrics`` plus ``logps`` ``[G, C]`` (detached).
+        ``(loss, metrics)``: fp32 scalar, and ``sdpo_metrics`` plus ``logps`` ``[G, C]`` (detached), over
+        the batch's real groups (``batch.num_real_groups``: bucket-padding groups are left out, and a
+        mean divides by the real groups).
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"fused_sdpo_loss supports reduction 'mean' or 'sum', got {reduction!r}")
@@ -375,10 +384,12 @@ def fused_sdpo_loss(
     impl = backends.get("sdpo_loss", name, hidden.device)
     hidden, weight = kernel_inputs(impl, name, hidden, weight)
     opts = resolve_options(impl.Options, name, "sdpo_loss", hidden.device.type, options)
-    loss = GroupLoss(ref_logps, batch.candidate_mask, batch.candidate_lens, beta, sft_weight, loss_type)
-    scale = 1.0 / batch.num_groups if reduction == "mean" else 1.0
+    loss = GroupLoss(ref_logps, batch.candidate_mask, batch.candidate_lens, beta, sft_weight, loss_type,
+                     batch.padding_groups)
+    scale = 1.0 / batch.num_real_groups if reduction == "mean" else 1.0
     out, logps = _FusedSDPOLoss.apply(hidden, weight, batch, loss, scale, impl, opts)
-    mask = batch.candidate_mask
+    real = batch.num_real_groups  # the metrics leave bucket-padding groups out
+    logps, ref_logps, mask = logps[:real], ref_logps[:real], batch.candidate_mask[:real]
     metrics = sdpo_metrics(logps[:, 0], logps[:, 1:], ref_logps[:, 0], ref_logps[:, 1:], beta, mask[:, 1:],
                            loss_type)
     metrics["logps"] = logps

@@ -65,6 +65,13 @@ class PackedBatch:
                      ``[t0, t1)``, consecutive ranges in group order (what the kernels' whole-group
                      chunks and tiles are cut from)
         max_span     (property) largest prompt + candidate length: positions used (sliding-window checks)
+
+    Shape buckets (``sdpo_fast.buckets.pack_bucketed``; defaults for ``pack_groups``):
+        bucket          None, or the bucket's key ``(L, G, C, Nr, N)``: every batch of one bucket has
+                        these sizes, and the CUDA kernels then plan their launches from tensor shapes
+                        alone (never from the host layout), so one CUDA graph replays any of them
+        padding_groups  trailing groups that only fill the bucket (loss and gradient 0; the mean
+                        and the metrics cover the ``num_real_groups`` before them)
     """
 
     input_ids: torch.Tensor
@@ -84,10 +91,17 @@ class PackedBatch:
     group_spans: tuple
     group_layout: tuple
     group_rows: tuple
+    bucket: tuple | None = None
+    padding_groups: int = 0
 
     @property
     def num_groups(self) -> int:
         return self.candidate_mask.shape[0]
+
+    @property
+    def num_real_groups(self) -> int:
+        """Groups that are not bucket padding (``num_groups - padding_groups``)."""
+        return self.candidate_mask.shape[0] - self.padding_groups
 
     @property
     def num_candidates(self) -> int:

@@ -167,9 +167,12 @@ class Runtime:
     def train(self, mode: bool = True):
         self.model.train(mode)
 
-    def backward_and_step(self, loss: torch.Tensor, lr: float, watch_loss: bool = False) -> tuple[float, float]:
+    def backward_and_step(self, loss: torch.Tensor, lr: float, watch_loss: bool = False,
+                          grads_ready: bool = False) -> tuple[float, float]:
         """Backward, clip, optimizer step at learning rate ``lr``; returns ``(loss, gradient norm)`` as
         floats, read from the device in ONE host transfer (the step's only sync outside logging).
+        ``grads_ready``: the ``.grad`` tensors hold the step's gradients already (a replayed CUDA graph
+        ran the backward; not with a DeepSpeed engine), so no backward runs here.
 
         ``watch_loss``: a non-finite loss (on any rank) raises ``NonFiniteError("loss is ...")``
         before the step is applied. In one process a non-finite gradient norm skips the optimizer step
@@ -179,6 +182,8 @@ class Runtime:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         value = loss.detach().float().reshape(())
+        if grads_ready and self.engine is not None:
+            raise ValueError("backward_and_step: grads_ready is for one process without DeepSpeed")
         if self.engine is not None:
             self.engine.backward(loss)
             if watch_loss:  # every rank learns whether any rank's loss is bad before the engine steps
@@ -192,7 +197,8 @@ class Runtime:
             norm = self.engine.get_global_grad_norm()
             norm = float("nan") if norm is None else (norm if isinstance(norm, float) else float(norm))
             return loss_value, norm
-        loss.backward()
+        if not grads_ready:
+            loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm_t = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         loss_value, norm = torch.stack([value, norm_t.detach().float().reshape(())]).tolist()

@@ -235,7 +235,10 @@ class StepBatches(torch.utils.data.Dataset):
         ref = None
         if self.ref_all is not None:
             cols = batch.candidate_index.clamp(min=0)
-            ref = self.ref_all[batch.idx].gather(1, cols).masked_fill(~batch.packed.candidate_mask, 0.0)
+            real = batch.packed.candidate_mask[: batch.packed.num_real_groups]
+            ref = self.ref_all[batch.idx].gather(1, cols).masked_fill(~real, 0.0)
+            if batch.packed.padding_groups:  # a bucketed batch: its padding groups' reference is 0
+                ref = torch.cat([ref, ref.new_zeros(batch.packed.padding_groups, ref.shape[1])])
         return _Pinnable(batch, ref)
 
 
@@ -305,6 +308,7 @@ def run_stage(stage, runtime, tokenizer, train_ds, data_args, train_args, log, s
 
     sdpo = stage == "sdpo"
     lm_config = runtime.module.config
+    graphed = bool(getattr(train_args, "cuda_graphs", False))  # off CUDA (tests): bucketed, run eagerly
     collator = SDPOCollator(
         tokenizer,
         num_negatives=data_args.num_negatives if sdpo else 0,
@@ -313,6 +317,7 @@ def run_stage(stage, runtime, tokenizer, train_ds, data_args, train_args, log, s
         vocab_size=lm_config.vocab_size,
         max_positions=getattr(lm_config, "max_position_embeddings", None),
         backend=train_args.backend,
+        bucketed=graphed,
     )
     if sdpo and data_args.negatives in ("hard", "boundary"):
         collator.set_policy(runtime.model)
@@ -339,6 +344,39 @@ def run_stage(stage, runtime, tokenizer, train_ds, data_args, train_args, log, s
     keys = ["loss", "reward_accuracy", "reward_margin", "chosen_logp"] if sdpo else ["loss", "chosen_logp"]
     sums, count, tokens, t_log = None, 0, 0, time.perf_counter()
     beta, sft_weight = (train_args.beta, train_args.sft_weight) if sdpo else (1.0, 1.0)
+    options = train_args.backend_options or {}
+
+    def forward(packed, ref):
+        """The step's loss and its logged values ``[len(keys)]`` (the live reference computed here)."""
+        if ref is None:
+            with torch.no_grad(), switch.off():
+                ref = candidate_logprobs(runtime.model, packed, backend=train_args.backend,
+                                         options=options.get("logprobs"),
+                                         check_ids=False)  # the collator's pack_groups checked them
+        loss, metrics = candidate_sdpo_loss(
+            runtime.model, packed, ref, beta=beta, sft_weight=sft_weight, backend=train_args.backend,
+            options=options.get("sdpo_loss"), loss_type=train_args.loss_type if sdpo else "sdpo",
+        )
+        with torch.no_grad():
+            parts = [loss.detach()]
+            if sdpo:
+                parts += [metrics["accuracy"].nanmean(), metrics["reward_margins"].nanmean()]
+            parts.append(metrics["logps"][:, 0].mean())
+            now = torch.stack([p.float() for p in parts])
+        return loss, now
+
+    graphs = None
+    if graphed:
+        from .graphs import StepGraphs
+
+        def graphed_step(packed, ref):
+            loss, now = forward(packed, None if live else ref)
+            loss.backward()
+            return loss.detach(), now
+
+        graphs = StepGraphs(graphed_step, runtime.module.parameters(), capture=device.type == "cuda",
+                            max_graphs=train_args.cuda_graph_buckets)
+        window = getattr(lm_config, "sliding_window", None) if getattr(lm_config, "use_sliding_window", True) else None
     runtime.train()
     bar = tqdm(total=total, initial=start_step, desc=stage, disable=r != 0, dynamic_ncols=True)
     try:
@@ -350,31 +388,24 @@ def run_stage(stage, runtime, tokenizer, train_ds, data_args, train_args, log, s
                 ref = torch.zeros(packed.candidate_mask.shape, device=device)
             elif ref is not None:
                 ref = ref.to(device, non_blocking=True)
-            else:
-                with torch.no_grad(), switch.off():
-                    ref = candidate_logprobs(runtime.model, packed, backend=train_args.backend,
-                                             options=(train_args.backend_options or {}).get("logprobs"),
-                                             check_ids=False)  # the collator's pack_groups checked them
-            loss, metrics = candidate_sdpo_loss(
-                runtime.model, packed, ref, beta=beta, sft_weight=sft_weight, backend=train_args.backend,
-                options=(train_args.backend_options or {}).get("sdpo_loss"),
-                loss_type=train_args.loss_type if sdpo else "sdpo",
-            )
             lr_now = schedule(step)
             where = f"{stage} step {step + 1}"
             try:
-                _, grad_norm = runtime.backward_and_step(loss, lr_now, watch_loss=True)
+                if graphs is not None:
+                    if window is not None and packed.max_span > window:  # a replay skips the packed call's check
+                        raise NotImplementedError(f"a group spans {packed.max_span} positions, beyond the model's "
+                                                  f"sliding window of {window}")
+                    loss, now = graphs(packed, ref if ref is not None else torch.zeros(packed.candidate_mask.shape,
+                                                                                         device=device))
+                    _, grad_norm = runtime.backward_and_step(loss, lr_now, watch_loss=True, grads_ready=True)
+                else:
+                    loss, now = forward(packed, ref)
+                    _, grad_norm = runtime.backward_and_step(loss, lr_now, watch_loss=True)
             except NonFiniteError as exc:  # every rank stops together: the loss flag was all-reduced
                 raise NonFiniteError(f"the {exc} at {where}") from None
             if not math.isfinite(grad_norm):  # the DeepSpeed engine has stepped already
                 raise NonFiniteError(f"the gradient norm is {grad_norm} at {where}")
-            with torch.no_grad():
-                parts = [loss.detach()]
-                if sdpo:
-                    parts += [metrics["accuracy"].nanmean(), metrics["reward_margins"].nanmean()]
-                parts.append(metrics["logps"][:, 0].mean())
-                now = torch.stack([p.float() for p in parts])
-                sums = now if sums is None else sums + now
+            sums = now if sums is None else sums + now
             count += 1
             tokens += packed.num_tokens * W
             if (step + 1) % train_args.log_every == 0 or step + 1 == total:
@@ -490,9 +521,15 @@ def main(argv=None) -> int:
     return cli(_main, argv)
 
 
+def _check_cuda_graphs(train_args, device) -> None:
+    if train_args.cuda_graphs and device.type != "cuda":
+        raise UserError(f"--cuda_graphs needs a CUDA device, got {device.type}")
+
+
 def _main(argv=None) -> int:
     model_args, data_args, train_args = parse_args(argv)
     device = _init_distributed(train_args)
+    _check_cuda_graphs(train_args, device)
     bf16 = train_args.bf16 if train_args.bf16 is not None else device.type == "cuda"
     seed_everything(train_args.seed)
     out = train_args.output_dir

@@ -113,9 +113,19 @@ class Chunk:
 
     r0: int
     r1: int
-    t0: int
-    t1: int
+    t0: int | None  # None (with t1): the targets of rows [r0, r1) are found on the device
+    t1: int | None
     groups: tuple[int, int] | None
+
+    def targets(self, batch):
+        """``(local rows, target ids, candidate keys, inside)`` of the chunk's targets: their slice when
+        the host knows it (``inside`` None), else every target with ``inside`` marking the chunk's."""
+        if self.t0 is not None:
+            t = slice(self.t0, self.t1)
+            return batch.target_rows[t] - self.r0, batch.target_ids[t], batch.target_candidates[t], None
+        local = batch.target_rows - self.r0
+        inside = (local >= 0) & (local < self.r1 - self.r0)
+        return local.clamp(0, self.r1 - self.r0 - 1), batch.target_ids, batch.target_candidates, inside
 
 
 def _group_extents(batch):
@@ -127,7 +137,19 @@ def _group_extents(batch):
 
 def plan_chunks(batch, max_rows: int, whole_groups: bool):
     """Chunks (``Chunk``) of at most ``max_rows`` logit rows. With ``whole_groups`` every chunk holds
-    whole groups, or the plan is None when some group has more rows than ``max_rows``."""
+    whole groups, or the plan is None when some group has more rows than ``max_rows``.
+
+    A bucketed batch (``batch.bucket`` set) is planned from its shapes alone, so that every batch of
+    its bucket gets the same plan (one CUDA graph replays them all): one chunk of all rows, targets
+    and groups when the rows fit ``max_rows``, else row ranges whose targets are found on the device
+    (``t0 = t1 = None``) and no whole-group plan."""
+    if getattr(batch, "bucket", None) is not None:
+        Nr = batch.logit_rows.shape[0]
+        if Nr <= max_rows:
+            return [Chunk(0, Nr, 0, batch.num_targets, (0, batch.num_groups))]
+        if whole_groups:
+            return None
+        return [Chunk(a, min(Nr, a + max_rows), None, None, None) for a in range(0, Nr, max_rows)]
     ext = _group_extents(batch)
     if whole_groups and any(rows > max_rows for rows, _, _ in ext):
         return None
@@ -190,17 +212,20 @@ class _Pass:
         lse_c = lse[c.r0 : c.r1]
         _row_lse_kernel[(c.r1 - c.r0,)](x, lse_c, self.V, x.stride(0), BLOCK=self.opts.block,
                                         num_warps=self.opts.num_warps)
-        if c.t1 > c.t0:
-            local = b.target_rows[c.t0 : c.t1] - c.r0
-            tok = x[local, b.target_ids[c.t0 : c.t1]].float() - lse_c.index_select(0, local)
-            logps.index_add_(0, b.target_candidates[c.t0 : c.t1], tok)
+        if c.t0 is None or c.t1 > c.t0:
+            local, ids, keys, inside = c.targets(b)
+            tok = x[local, ids].float() - lse_c.index_select(0, local)
+            logps.index_add_(0, keys, tok if inside is None else tok.masked_fill(~inside, 0.0))
 
     def backward(self, c: Chunk, h, x, lse, g_t, need_h, need_w):
         """Gradient of ``sum_t g_t logp_t`` over the chunk's rows (``g_t [N]`` fp32, all targets)."""
         b = self.batch
         n = c.r1 - c.r0
         g_row = torch.zeros(n, dtype=torch.float32, device=x.device)
-        if c.t1 > c.t0:
+        if c.t0 is None:
+            local, _, _, inside = c.targets(b)
+            g_row.index_add_(0, local, g_t.masked_fill(~inside, 0.0))
+        elif c.t1 > c.t0:
             g_row.index_add_(0, b.target_rows[c.t0 : c.t1] - c.r0, g_t[c.t0 : c.t1])
         _row_grad_kernel[(n,)](x, lse[c.r0 : c.r1], g_row, b.row_ptr, b.target_ids, g_t, c.r0, self.V, x.stride(0),
                                BLOCK=self.opts.block, num_warps=self.opts.num_warps)

@@ -167,6 +167,8 @@ def loss_path(rows: int, vocab: int, dim: int, need_h: bool, need_w: bool, tile_
 def fused_loss(hidden, weight, batch, loss, need_h: bool, need_w: bool, opts: Options):
     """Contract ``fused_loss``: the tiled C++ kernel, or None for the whole-batch path (``opts.path``;
     ``loss_path`` decides under ``"auto"``)."""
+    if loss.padding_groups:  # the C++ loss mirror knows no padding groups: the generic path zeroes them
+        return None
     vocab, dim = weight.shape
     tile = opts.tile_elements if opts.tile_elements is not None else default_tile_elements(batch, vocab)
     if bool((batch.candidate_lens[:, 0] < 1).any()):

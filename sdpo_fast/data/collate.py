@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from ..buckets import pack_bucketed
 from ..packing import PackedBatch, pack_groups
 from .examples import stable_seed
 from .negatives import NEGATIVES, boundary_negatives, hard_negatives, random_negatives
@@ -69,6 +70,9 @@ class SDPOCollator:
         pad_to_multiple_of: row length rounding.
         vocab_size, max_positions: checks passed to ``pack_groups`` (the model's config values).
         backend: log-prob backend for hard / boundary negatives.
+        bucketed: pack with ``sdpo_fast.buckets.pack_bucketed`` (one row padded to a shape bucket, with
+            trailing padding groups) instead of ``pack_groups``: the batches a CUDA graph replays.
+            ``candidate_index`` and ``idx`` then cover the real groups only.
 
     Every batch has ``C = K + 1`` candidate columns, whatever the batch (ranks stay in step).
     Hard and boundary negatives run the policy inside the collator: use it in the main process
@@ -90,7 +94,11 @@ class SDPOCollator:
         max_positions: int | None = None,
         backend: str = "auto",
         pad_token_id: int | None = None,
+        bucketed: bool = False,
     ):
+        if bucketed and (token_budget is not None or pad_to_multiple_of != 1):
+            raise ValueError("a bucketed SDPOCollator packs one row of its bucket's length: no token_budget or "
+                             "pad_to_multiple_of")
         if negatives not in NEGATIVES:
             raise ValueError(f"negatives must be one of {', '.join(NEGATIVES)}, got {negatives!r}")
         if num_negatives is not None and num_negatives < 0:
@@ -110,6 +118,7 @@ class SDPOCollator:
         self.vocab_size = vocab_size
         self.max_positions = max_positions
         self.backend = backend
+        self.bucketed = bucketed
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -155,15 +164,13 @@ class SDPOCollator:
         chosen = self.choose(features)
         C = len(chosen[0])
         groups = [(f["prompt_ids"], [f["candidate_ids"][j] for j in cols]) for f, cols in zip(features, chosen)]
-        packed = pack_groups(
-            groups,
-            max_tokens_per_row=self.token_budget,
-            pad_to_multiple_of=self.pad_to_multiple_of,
-            pad_token_id=self.pad_token_id,
-            vocab_size=self.vocab_size,
-            max_positions=self.max_positions,
-            num_candidates=C,
-        )
+        checks = dict(pad_token_id=self.pad_token_id, vocab_size=self.vocab_size, max_positions=self.max_positions,
+                      num_candidates=C)
+        if self.bucketed:
+            packed = pack_bucketed(groups, **checks)
+        else:
+            packed = pack_groups(groups, max_tokens_per_row=self.token_budget,
+                                 pad_to_multiple_of=self.pad_to_multiple_of, **checks)
         return SDPOBatch(
             packed=packed,
             candidate_index=torch.tensor(chosen, dtype=torch.long),

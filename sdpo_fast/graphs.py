@@ -1,0 +1,114 @@
+"""CUDA graphs of a training micro-step (forward + backward), one per shape bucket.
+
+A small step is bound by the host: eager dispatch of thousands of ops. ``StepGraphs`` captures the
+step once per bucket (``sdpo_fast.buckets``: every batch of a bucket has the same tensor shapes and
+the kernels plan their launches from shapes alone) and replays it for every later batch of that
+bucket, after copying the batch's tensors into the captured ones.
+
+What a replay relies on:
+- the step reads nothing back to the host (no ``.item()``, no ``bool(tensor)``; ``tests/test_train_syncs.py``
+  and ``tests/test_graphs.py`` check the packed step) and its host-side sizes come from the bucket;
+- the gradients accumulate into ``.grad`` tensors that exist before the capture (AccumulateGrad adds
+  in place then); the graph zeroes them first, and ``__call__`` re-attaches them (an optimizer's
+  ``zero_grad(set_to_none=True)`` drops them);
+- the warm-up runs (which compile the Triton kernels and set up cuBLAS) use a copy of the batch
+  object, so that the attention's per-batch tile tables are built inside the capture, from the
+  captured tensors, and rebuilt by every replay;
+- each graph has its own memory pool (replays come in any bucket order), so memory grows with the
+  number of graphs: at most ``max_graphs``, later buckets run eagerly.
+
+The optimizer step stays eager (fused AdamW is a few kernels). CUDA only; without ``capture``
+(CPU tests) every call runs the step eagerly through the same bookkeeping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .packing import PackedBatch
+
+__all__ = ["StepGraphs"]
+
+
+@dataclasses.dataclass
+class _Captured:
+    graph: object
+    batch: PackedBatch
+    ref: torch.Tensor
+    out: tuple
+
+
+class StepGraphs:
+    """``step(batch, ref) -> tuple of tensors`` (it runs the backward), captured once per bucket.
+
+    Args:
+        step: the micro-step on a bucketed ``PackedBatch`` and its ``ref`` tensor (``[G, C]`` reference
+            log-probs, padding groups included); returns the tensors the caller reads (loss, metrics).
+        params: the parameters whose ``.grad`` the step's backward writes.
+        capture: False runs every call eagerly (what a CPU test exercises).
+        max_graphs: graphs kept; a bucket beyond them runs eagerly.
+        warmup: eager runs before a capture.
+    """
+
+    def __init__(self, step, params, *, capture: bool = True, max_graphs: int = 8, warmup: int = 2):
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        if capture and not torch.cuda.is_available():
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.step, self.params = step, [p for p in params if p.requires_grad]
+        self.capture, self.max_graphs, self.warmup = capture, max_graphs, warmup
+        self.graphs: dict[tuple, _Captured] = {}
+        self.grads: list[torch.Tensor] | None = None
+        self.eager_steps = 0
+        self.replays = 0
+
+    def _attach(self) -> None:
+        if self.grads is None:
+            self.grads = [torch.zeros_like(p) for p in self.params]
+        for p, g in zip(self.params, self.grads):
+            p.grad = g
+
+    def _zero(self) -> None:
+        torch._foreach_zero_(self.grads)
+
+    def __call__(self, batch: PackedBatch, ref: torch.Tensor) -> tuple:
+        if batch.bucket is None:
+            raise ValueError("StepGraphs needs bucketed batches (sdpo_fast.buckets.pack_bucketed)")
+        if tuple(ref.shape) != tuple(batch.candidate_mask.shape):
+            raise ValueError(f"ref must be [G, C] = {tuple(batch.candidate_mask.shape)}, got {tuple(ref.shape)}")
+        self._attach()
+        key = (batch.bucket, batch.padding_groups, str(batch.device), ref.dtype)
+        entry = self.graphs.get(key)
+        if entry is None and self.capture and len(self.graphs) < self.max_graphs:
+            entry = self.graphs[key] = self._capture(batch, ref)
+        elif entry is not None:
+            for f in dataclasses.fields(batch):
+                src = getattr(batch, f.name)
+                if isinstance(src, torch.Tensor):
+                    getattr(entry.batch, f.name).copy_(src, non_blocking=True)
+            entry.ref.copy_(ref, non_blocking=True)
+        if entry is None:
+            self.eager_steps += 1
+            self._zero()
+            return tuple(self.step(batch, ref))
+        entry.graph.replay()
+        self.replays += 1
+        return entry.out
+
+    def _capture(self, batch: PackedBatch, ref: torch.Tensor) -> _Captured:
+        ref = ref.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                # a fresh object: the attention caches its tile tables per batch object, and the
+                # captured batch's tables must be built inside the capture
+                self.step(dataclasses.replace(batch), ref)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._zero()
+            out = tuple(self.step(batch, ref))
+        return _Captured(graph, batch, ref, out)
