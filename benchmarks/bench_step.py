@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness and the step package
 
-from step import methods, microbatch, shapes, sweep  # noqa: E402
+from step import graphs, methods, microbatch, shapes, sweep  # noqa: E402
 from step.cli import main as _main  # noqa: E402
 from step.cli import parse_args as _parse_args  # noqa: E402
 

@@ -9,8 +9,8 @@ What a replay relies on:
 - the step reads nothing back to the host (no ``.item()``, no ``bool(tensor)``; ``tests/test_train_syncs.py``
   and ``tests/test_graphs.py`` check the packed step) and its host-side sizes come from the bucket;
 - the gradients accumulate into ``.grad`` tensors that exist before the capture (AccumulateGrad adds
-  in place then); the graph zeroes them first, and ``__call__`` re-attaches them (an optimizer's
-  ``zero_grad(set_to_none=True)`` drops them);
+  in place then); ``__call__`` zeroes them first unless told to accumulate (micro-batches of one
+  optimizer step), and re-attaches them (an optimizer's ``zero_grad(set_to_none=True)`` drops them);
 - the warm-up runs (which compile the Triton kernels and set up cuBLAS) use a copy of the batch
   object, so that the attention's per-batch tile tables are built inside the capture, from the
   captured tensors, and rebuilt by every replay;
@@ -70,15 +70,16 @@ class StepGraphs:
         for p, g in zip(self.params, self.grads):
             p.grad = g
 
-    def _zero(self) -> None:
-        torch._foreach_zero_(self.grads)
-
-    def __call__(self, batch: PackedBatch, ref: torch.Tensor) -> tuple:
+    def __call__(self, batch: PackedBatch, ref: torch.Tensor, accumulate: bool = False) -> tuple:
+        """The step's outputs for ``batch`` and ``ref``: the graph's own tensors, overwritten by the next
+        replay (read or copy them before). ``accumulate``: add to the gradients instead of zeroing them."""
         if batch.bucket is None:
             raise ValueError("StepGraphs needs bucketed batches (sdpo_fast.buckets.pack_bucketed)")
         if tuple(ref.shape) != tuple(batch.candidate_mask.shape):
             raise ValueError(f"ref must be [G, C] = {tuple(batch.candidate_mask.shape)}, got {tuple(ref.shape)}")
         self._attach()
+        if not accumulate:
+            torch._foreach_zero_(self.grads)
         key = (batch.bucket, batch.padding_groups, str(batch.device), ref.dtype)
         entry = self.graphs.get(key)
         if entry is None and self.capture and len(self.graphs) < self.max_graphs:
@@ -91,7 +92,6 @@ class StepGraphs:
             entry.ref.copy_(ref, non_blocking=True)
         if entry is None:
             self.eager_steps += 1
-            self._zero()
             return tuple(self.step(batch, ref))
         entry.graph.replay()
         self.replays += 1
@@ -99,6 +99,7 @@ class StepGraphs:
 
     def _capture(self, batch: PackedBatch, ref: torch.Tensor) -> _Captured:
         ref = ref.clone()
+        saved = [g.clone() for g in self.grads]  # what this call accumulates onto: the warm-ups add to it
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -109,6 +110,7 @@ class StepGraphs:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._zero()
             out = tuple(self.step(batch, ref))
+        for g, s in zip(self.grads, saved):
+            g.copy_(s)
         return _Captured(graph, batch, ref, out)

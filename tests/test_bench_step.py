@@ -199,57 +199,38 @@ def test_cuda_graphs_refused_on_cpu(bench):
 # ----------------------------------------------------------------------------- CUDA-graph buckets
 
 
-@pytest.fixture(scope="module")
-def graphs():
-    load_benchmark("bench_step")
-    from step import graphs
-
-    return graphs
-
-
-def test_buckets(graphs):
-    assert [graphs.row_bucket(n, 256) for n in (1, 256, 257, 320, 321, 449, 512, 513, 1800)] == \
-        [256, 256, 320, 320, 384, 512, 512, 640, 1792 + 256]
-    assert [graphs.group_bucket(n) for n in (1, 2, 3, 5, 32, 33)] == [1, 2, 4, 8, 32, 64]
-    for n in range(1, 5000, 37):  # the smallest bucket that holds n, at most 25% above n (above the quantum)
-        b = graphs.row_bucket(n, 64)
-        assert b >= n and (b <= max(64, 1.25 * n))
-    with pytest.raises(ValueError):
-        graphs.row_bucket(0)
-    with pytest.raises(ValueError):
-        graphs.pad_groups([([1], [[2]])] * 3, 2)
-
-
-@pytest.mark.parametrize("backend", ["torch", "native"])
-def test_bucket_padding_keeps_loss_and_gradients(graphs, backend):
-    """A batch padded to its bucket (row length and dummy groups) gives the unpadded batch's summed
-    loss and the same gradients, so a graph captured at the bucket trains the same step."""
-    import sdpo_fast
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+@pytest.mark.parametrize("backend_mode", ["full", "lora"])
+def test_graphed_step_matches_the_eager_step(bench, backend_mode):
+    """(c) through ``GraphedSteps`` (bucketed micro-batches, gradients accumulated across them; run
+    eagerly here, ``capture=False``) gives the eager (c) step's gradients, micro-batch by micro-batch
+    layouts differing, so a graph captured per bucket trains the same step. Buckets themselves:
+    tests/test_buckets.py."""
+    args = bench.parse_args(TINY + ["--ks", "3"])
+    dev = torch.device("cpu")
+    cfg = bench.shapes.model_config("tiny-1b", args.overrides)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2))
-    gen = torch.Generator().manual_seed(3)
-    groups = [(torch.randint(1, 101, (p,), generator=gen).tolist(),
-               [torch.randint(1, 101, (n,), generator=gen).tolist() for n in lens])
-              for p, lens in [(9, [3, 5, 2]), (12, [4, 1]), (7, [6, 2, 3])]]
-    ref = torch.randn(3, 3, generator=gen)
+    model, _ = bench.sweep.build_model(cfg, backend_mode, args, dev)
+    groups = bench.shapes.make_groups(6, bench.shapes.parse_shape("paper"), 3, 257, seed=5)
+    table = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    ref = bench.microbatch.Reference("precomputed", model, backend_mode == "lora", table=table)
+    params = [p for p in model.parameters() if p.requires_grad]
 
-    def loss_and_grads(batch, ref):
-        model.zero_grad(set_to_none=True)
-        loss, _ = sdpo_fast.candidate_sdpo_loss(model, batch, ref, reduction="sum", backend=backend)
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+    plain = bench.shapes.split(groups, 2, 3, 257, dev)
+    model.zero_grad(set_to_none=True)
+    for mb in plain:
+        loss, _ = __import__("sdpo_fast").candidate_sdpo_loss(model, mb.batch, ref(None, model, mb), reduction="sum")
+        (loss / 6).backward()
+    want = [p.grad.clone() for p in params]
 
-    plain = sdpo_fast.pack_groups(groups, num_candidates=3)
-    padded, n_real = graphs.bucketed_pack(groups, 101, 3, quantum=64)
-    # one dummy group (2 tokens) to the group bucket 4; 56 tokens padded to the row bucket 64
-    assert (n_real, padded.num_groups, plain.num_tokens, padded.shape) == (3, 4, 54, (1, 64))
-    ref_padded = graphs.bucketed_ref(ref, padded.num_groups)
-    loss0, g0 = loss_and_grads(plain, ref)
-    loss1, g1 = loss_and_grads(padded, ref_padded)
-    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=1e-6)
-    for a, b in zip(g1, g0):  # fp32: only the blocking of the longer row's matmuls differs
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert graphs.signature(padded) != graphs.signature(plain)
+    bucketed = bench.shapes.split(groups, 2, 3, 257, dev, bucketed=True)
+    assert all(mb.batch.bucket is not None and mb.batch.padding_groups >= 1 for mb in bucketed)
+    assert len({mb.batch.group_layout for mb in bucketed}) == 3  # three layouts
+    graphed = bench.graphs.GraphedSteps(model, bucketed, ref, 6, capture=False)
+    for _ in range(2):  # a second step starts from zero gradients again
+        graphed.run()
+        for p, w in zip(params, want):
+            torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="packed into buckets"):
+        bench.graphs.GraphedSteps(model, plain, ref, 6, capture=False)
+    with pytest.raises(ValueError, match="precomputed"):
+        bench.graphs.GraphedSteps(model, bucketed, bench.microbatch.Reference("live", model, True), 6, capture=False)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 import sdpo_fast
+from sdpo_fast.buckets import pack_bucketed
 from sdpo_fast.packing import PackedBatch
 
 MODEL_CONFIGS = {
@@ -131,9 +132,9 @@ class MicroBatch:
         return self.ids.numel()
 
 
-def micro_batch(groups: list, start: int, k: int, vocab: int, device, pack=None) -> MicroBatch:
-    """Both layouts of ``groups`` (the step's groups from ``start``); ``pack`` replaces ``pack_groups``'s
-    keyword arguments (CUDA-graph buckets pad the packed row)."""
+def micro_batch(groups: list, start: int, k: int, vocab: int, device, bucketed: bool = False) -> MicroBatch:
+    """Both layouts of ``groups`` (the step's groups from ``start``); ``bucketed``: the packed one padded to
+    its shape bucket (``sdpo_fast.buckets.pack_bucketed``, for CUDA graphs)."""
     rows = [(p, c) for p, cs in groups for c in cs]
     S = max(len(p) + len(c) for p, c in rows)
     ids = torch.zeros(len(rows), S, dtype=torch.long)
@@ -144,12 +145,13 @@ def micro_batch(groups: list, start: int, k: int, vocab: int, device, pack=None)
         ids[i, :n] = torch.tensor(p + c)
         attn[i, :n] = 1
         tmask[i, len(p) : n] = True
-    batch = sdpo_fast.pack_groups(groups, vocab_size=vocab, **(pack or {}))
+    pack = pack_bucketed if bucketed else sdpo_fast.pack_groups
+    batch = pack(groups, vocab_size=vocab)
     data_tokens = sum(len(p) + sum(len(c) for c in cs) for p, cs in groups)
     return MicroBatch(start, len(groups), k, data_tokens, ids.to(device), attn.to(device), tmask.to(device),
                       batch.to(device))
 
 
-def split(groups: list, size: int, k: int, vocab: int, device, pack=None) -> list[MicroBatch]:
+def split(groups: list, size: int, k: int, vocab: int, device, bucketed: bool = False) -> list[MicroBatch]:
     """The step's groups in micro-batches of ``size`` groups (the last one may be smaller)."""
-    return [micro_batch(groups[s : s + size], s, k, vocab, device, pack) for s in range(0, len(groups), size)]
+    return [micro_batch(groups[s : s + size], s, k, vocab, device, bucketed) for s in range(0, len(groups), size)]

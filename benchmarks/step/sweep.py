@@ -185,11 +185,13 @@ def time_methods(methods, rows, model, opt, groups, k, vocab, ref_kind, lora, ta
     alive = [key for key in methods if rows[key]["status"] == "ok"]
     state = {}
     for key in alive:
-        mbs = shapes.split(groups, rows[key]["micro_batch"], k, vocab, device)
+        graphed = args.cuda_graphs and key == "c"
+        mbs = shapes.split(groups, rows[key]["micro_batch"], k, vocab, device, bucketed=graphed)
         ref = microbatch.Reference(ref_kind, model, lora, table=table)
-        graphed = None
-        if args.cuda_graphs and key == "c":
-            graphed = graphs.GraphedSteps(model, opt, mbs, ref, len(groups), vocab)
+        if graphed:
+            graphed = graphs.GraphedSteps(model, mbs, ref, len(groups))
+        else:
+            graphed = None
         state[key] = (mbs, ref, graphed)
     steps = {key: [] for key in alive}
 
