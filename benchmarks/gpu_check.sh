@@ -10,7 +10,8 @@
 # of issue 16's goals, each a bench_step.py run with its own timeout and result files (32 groups per
 # optimizer step, every method at its largest micro-batch): Llama-3.2-1B LoRA P=1024 K=15; the
 # paper's shape on Llama-2-7B LoRA, K = 1, 3, 15; the same 1B cell with full fine-tuning and a live
-# reference; a one-group 1B LoRA step with and without CUDA graphs; all: kernels + step.
+# reference; a one-group 1B LoRA step with and without CUDA graphs; the trainer against the benchmark's
+# step (bench_trainer.py) at the 1B LoRA cell and, with CUDA graphs, at one group; all: kernels + step.
 # DRY_RUN=1 runs every realistic cell on the CPU with tiny configs (checks the script, not the GPU).
 #
 # Wheels: copy /work/shared/wheels-gpu to ./wheels-gpu (git-ignored) before sending the tree over, plus
@@ -114,6 +115,11 @@ if [ "$PARTS" = realistic ]; then
         TINY=""; B1=llama3.2-1b; B7=llama2-7b; GPS=32; P=1024x16; G="--cuda-graphs"; M=1
     fi
     common="--preset gpu --methods a c --repeats 3 --warmup 1 --no-plot --out $OUT $TINY ${STEP_ARGS:-}"
+    if [ "${DRY_RUN:-0}" != 1 ]; then
+        # first: a captured graph replays another layout of its bucket exactly (tests/test_graphs.py)
+        step pytest_graphs 90 "$PY" -m pytest -q -m gpu tests/test_graphs.py -p no:cacheprovider \
+            --junitxml="$OUT/pytest_graphs.xml"
+    fi
     # shellcheck disable=SC2086
     step step_1b_lora_p1024 $(( 150 * M )) "$PY" benchmarks/bench_step.py $common --name step_1b_lora_p1024 \
         --runs $B1:lora --shapes $P --ks 15 --groups-per-step $GPS --refs precomputed
@@ -130,6 +136,16 @@ if [ "$PARTS" = realistic ]; then
         # shellcheck disable=SC2086
         step step_1b_lora_1group_graphs $(( 40 * M )) "$PY" benchmarks/bench_step.py $common --name step_1b_lora_1group_graphs \
             --runs $B1:lora --shapes $P --ks 15 --groups-per-step 1 --refs precomputed --methods c $G
+    fi
+    # The trainer (run_stage, new data every step) against the benchmark's (c) step at one shape.
+    tcommon="--steps 5 --warmup 2 --rounds 2 --out $OUT $TINY"
+    # shellcheck disable=SC2086
+    step trainer_1b_lora_p1024 $(( 45 * M )) "$PY" benchmarks/bench_trainer.py $tcommon --name trainer_1b_lora_p1024 \
+        --run $B1:lora --shape $P --k 15 --groups 8
+    if [ -n "$G" ]; then
+        # shellcheck disable=SC2086
+        step trainer_1b_lora_1group_graphs $(( 40 * M )) "$PY" benchmarks/bench_trainer.py $tcommon \
+            --name trainer_1b_lora_1group_graphs --run $B1:lora --shape $P --k 15 --groups 1 --cuda-graphs
     fi
 fi
 if [ "$PARTS" = step ] || [ "$PARTS" = all ]; then

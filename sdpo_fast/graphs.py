@@ -109,7 +109,9 @@ class StepGraphs:
                 self.step(dataclasses.replace(batch), ref)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: the DataLoader's pin-memory thread may allocate pinned memory meanwhile, which
+        # the default "global" mode would turn into a capture error
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             out = tuple(self.step(batch, ref))
         for g, s in zip(self.grads, saved):
             g.copy_(s)
