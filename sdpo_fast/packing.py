@@ -64,7 +64,8 @@ class PackedBatch:
         group_rows   ``((r0, r1, t0, t1), ...)`` per group: its logit rows ``[r0, r1)`` and targets
                      ``[t0, t1)``, consecutive ranges in group order (what the kernels' whole-group
                      chunks and tiles are cut from)
-        max_span     (property) largest prompt + candidate length: positions used (sliding-window checks)
+        max_span     (property) largest prompt + candidate length of a real group: positions used
+                     (sliding-window checks)
 
     Shape buckets (``sdpo_fast.buckets.pack_bucketed``; defaults for ``pack_groups``):
         bucket          None, or the bucket's key ``(L, G, C, Nr, N)``: every batch of one bucket has
@@ -115,12 +116,13 @@ class PackedBatch:
 
     @property
     def num_tokens(self) -> int:
-        """Real (non-padding) tokens."""
-        return sum(end - start for _, start, end in self.group_spans)
+        """Real tokens: neither padding slots nor padding groups."""
+        return sum(end - start for _, start, end in self.group_spans[: self.num_real_groups])
 
     @property
     def max_span(self) -> int:
-        return max(p + max(lens) for p, lens in self.group_layout)
+        """Positions the real groups use (a padding group's attention values are never used)."""
+        return max(p + max(lens) for p, lens in self.group_layout[: self.num_real_groups])
 
     @property
     def num_targets(self) -> int:
