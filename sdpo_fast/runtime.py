@@ -33,16 +33,6 @@ def world_size() -> int:
     return torch.distributed.get_world_size() if is_distributed() else 1
 
 
-def all_mean(values: dict[str, float]) -> dict[str, float]:
-    """Mean of each float over ranks (identity in one process)."""
-    if not is_distributed():
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return {k: v / world_size() for k, v in zip(keys, t.tolist())}
-
-
 def all_mean_tensor(t: torch.Tensor) -> torch.Tensor:
     """Mean of ``t`` over ranks, on its device (identity in one process; no host sync on CUDA)."""
     if not is_distributed():

@@ -45,6 +45,16 @@ def run_train(args, out, launcher=None, timeout=900):
     return proc
 
 
+def _free_port() -> int:
+    """A TCP port nothing listens on now (the DeepSpeed launcher's rendezvous; a fixed one collides
+    with a concurrent run)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
@@ -275,7 +285,7 @@ def test_deepspeed_zero3_two_ranks_match_one_process(tmp_path, lora):
     run_train(common + ["--batch_size", "8"], single)
     shutil.copytree(single / "tokenizer", multi / "tokenizer")  # same tokenizer file, not a retrained one
     common = common + ["--overwrite_output_dir"]  # multi/ holds that tokenizer
-    launcher = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", "29517"]
+    launcher = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port())]
     run_train(common + ["--batch_size", "4", "--deepspeed", str(ROOT / "configs" / "zero3.json")], multi, launcher)
 
     m1, m2 = metrics(single), metrics(multi)
