@@ -117,7 +117,7 @@ if [ "$PARTS" = realistic ]; then
     common="--preset gpu --methods a c --repeats 3 --warmup 1 --no-plot --out $OUT $TINY ${STEP_ARGS:-}"
     if [ "${DRY_RUN:-0}" != 1 ]; then
         # first: a captured graph replays another layout of its bucket exactly (tests/test_graphs.py)
-        step pytest_graphs 90 "$PY" -m pytest -q -m gpu tests/test_graphs.py -p no:cacheprovider \
+        step pytest_graphs 120 "$PY" -m pytest -q -m gpu tests/test_graphs.py -p no:cacheprovider \
             --junitxml="$OUT/pytest_graphs.xml"
     fi
     # shellcheck disable=SC2086

@@ -64,10 +64,14 @@ def pack_bucketed(
 
     Returns:
         a ``PackedBatch`` with ``bucket = (L, G, C, Nr, N)`` and ``padding_groups >= 1`` trailing
-        padding groups. Raises ``ValueError`` for bad groups (as ``pack_groups``), or when a padding
-        group would need more positions than ``max_positions``.
+        padding groups. Raises ``ValueError`` for bad groups (as ``pack_groups``), for a
+        ``pad_token_id`` outside ``[0, vocab_size)`` (the padding groups' tokens are scored), or when a
+        padding group would need more positions than ``max_positions``.
     """
     parsed = _validate(groups, vocab_size, max_positions, num_candidates)
+    if pad_token_id < 0 or (vocab_size is not None and pad_token_id >= vocab_size):
+        # the padding groups' candidate tokens are scored: the pad id must be a real token
+        raise ValueError(f"pad_token_id {pad_token_id} outside the vocabulary [0, {vocab_size})")
     C = num_candidates if num_candidates is not None else max(len(c) for _, c in parsed)
     G = len(parsed)
     tokens = sum(len(p) + sum(len(c) for c in cs) for p, cs in parsed)

@@ -11,9 +11,10 @@ What a replay relies on:
 - the gradients accumulate into ``.grad`` tensors that exist before the capture (AccumulateGrad adds
   in place then); ``__call__`` zeroes them first unless told to accumulate (micro-batches of one
   optimizer step), and re-attaches them (an optimizer's ``zero_grad(set_to_none=True)`` drops them);
-- the warm-up runs (which compile the Triton kernels and set up cuBLAS) use a copy of the batch
-  object, so that the attention's per-batch tile tables are built inside the capture, from the
-  captured tensors, and rebuilt by every replay;
+- the graph captures on its own copy of the first batch's tensors, and the warm-up runs (which
+  compile the Triton kernels and set up cuBLAS) use yet another batch object, so that the
+  attention's per-batch tile tables are built inside the capture, from the captured tensors, and
+  rebuilt by every replay;
 - each graph has its own memory pool (replays come in any bucket order), so memory grows with the
   number of graphs: at most ``max_graphs``, later buckets run eagerly.
 
@@ -98,6 +99,10 @@ class StepGraphs:
         return entry.out
 
     def _capture(self, batch: PackedBatch, ref: torch.Tensor) -> _Captured:
+        # the graph's own inputs: the caller's batch stays the caller's, and no table the attention
+        # cached for that object outside the capture can stand in for this batch's
+        batch = dataclasses.replace(batch, **{f.name: getattr(batch, f.name).clone() for f in dataclasses.fields(batch)
+                                              if isinstance(getattr(batch, f.name), torch.Tensor)})
         ref = ref.clone()
         saved = [g.clone() for g in self.grads]  # what this call accumulates onto: the warm-ups add to it
         side = torch.cuda.Stream()

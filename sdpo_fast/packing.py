@@ -71,6 +71,7 @@ class PackedBatch:
         bucket          None, or the bucket's key ``(L, G, C, Nr, N)``: every batch of one bucket has
                         these sizes, and the CUDA kernels then plan their launches from tensor shapes
                         alone (never from the host layout), so one CUDA graph replays any of them
+                        that has the same ``padding_groups`` (the mean divides by the real groups)
         padding_groups  trailing groups that only fill the bucket (loss and gradient 0; the mean
                         and the metrics cover the ``num_real_groups`` before them)
     """

@@ -405,7 +405,7 @@ def run_stage(stage, runtime, tokenizer, train_ds, data_args, train_args, log, s
                 raise NonFiniteError(f"the {exc} at {where}") from None
             if not math.isfinite(grad_norm):  # the DeepSpeed engine has stepped already
                 raise NonFiniteError(f"the gradient norm is {grad_norm} at {where}")
-            sums = now if sums is None else sums + now
+            sums = now.clone() if sums is None else sums + now  # a replayed graph's `now` is overwritten next step
             count += 1
             tokens += packed.num_tokens * W
             if (step + 1) % train_args.log_every == 0 or step + 1 == total:
