@@ -36,6 +36,21 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def tiny_llama(vocab_size: int, *, hidden: int = 48, intermediate: int = 96, layers: int = 2, heads: int = 4,
+               kv_heads: int = 2, max_positions: int = 512, tokenizer=None, seed: int = 0):
+    """A randomly initialised fp32 ``LlamaForCausalLM`` (``torch.manual_seed(seed)`` first), with the
+    tokenizer's eos / pad / bos ids when one is given: the tests' tiny model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ids = {} if tokenizer is None else dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                            bos_token_id=tokenizer.bos_token_id)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
+                      **ids)
+    return LlamaForCausalLM(cfg).float()
+
+
 def load_benchmark(name: str):
     """Imports ``benchmarks/<name>.py`` (not a package) as module ``name``, with the folder on sys.path
     as when the script runs (it imports the shared ``harness`` from there)."""

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama as conftest_llama
 
 import sdpo_fast
 import sdpo_fast.model as sm
@@ -214,10 +214,8 @@ def test_group_loss_zeroes_padding_groups():
 
 
 def tiny_llama(layers=2, heads=4, kv_heads=2):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128)
-    return LlamaForCausalLM(cfg).float()
+    return conftest_llama(V, hidden=32, intermediate=48, layers=layers, heads=heads, kv_heads=kv_heads,
+                          max_positions=128)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama
 
 from references import naive_constrained_greedy, naive_item_scores
 from sdpo_fast.data import build_tokenizer, make_synthetic, tokenize_examples
@@ -45,11 +45,7 @@ def test_trie_holds_exactly_the_candidates():
 def setup():
     splits = make_synthetic(num_users=30, num_items=50, seed=3)
     tok = build_tokenizer(splits, vocab_size=500)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(len(tok), tokenizer=tok).eval()
     # Only a few candidates each (cheap beams); prompts of different lengths (left padding is exercised).
     rows = tokenize_examples(splits.test[:6], tok)
     feats = []

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama
 
 import sdpo_fast
 import sdpo_fast.data.tokenize as tokmod
@@ -172,10 +172,7 @@ def test_token_budget_sampler(data):
 
 
 def _tiny_llama(vocab_size):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(vocab_size).eval()
 
 
 def _naive_logprob(model, prompt, cand):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama
 
 import sdpo_fast
 from sdpo_fast.data import SDPOCollator, build_tokenizer, make_synthetic, tokenize_dataset, tokenize_examples
@@ -72,11 +72,7 @@ def test_ranking_metrics_naive():
 def setup():
     splits = make_synthetic(num_users=40, num_items=60, seed=2)
     tok = build_tokenizer(splits, vocab_size=600)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
-    model = LlamaForCausalLM(cfg)
+    model = tiny_llama(len(tok), tokenizer=tok)
     return splits, tok, model
 
 

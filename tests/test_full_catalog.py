@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama
 
 from references import naive_item_scores
 from sdpo_fast.data import build_tokenizer, format_prompt, make_synthetic, tokenize_examples
@@ -23,11 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def setup():
     splits = make_synthetic(num_users=30, num_items=40, seed=4)
     tok = build_tokenizer(splits, vocab_size=500)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
-    return splits, tok, LlamaForCausalLM(cfg).eval()
+    return splits, tok, tiny_llama(len(tok), tokenizer=tok).eval()
 
 
 def test_catalog_tokens_are_the_ranking_tokens(setup):

@@ -24,7 +24,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama as conftest_llama
 
 import sdpo_fast
 import sdpo_fast.kernels
@@ -53,10 +53,7 @@ def _batches(device=None):
 
 
 def tiny_llama(lora: bool = False, layers: int = 2):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    model = LlamaForCausalLM(cfg).float()
+    model = conftest_llama(V, hidden=32, intermediate=48, layers=layers, max_positions=128)
     if lora:
         peft = pytest.importorskip("peft")
         model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
