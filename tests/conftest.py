@@ -51,6 +51,34 @@ def tiny_llama(vocab_size: int, *, hidden: int = 48, intermediate: int = 96, lay
     return LlamaForCausalLM(cfg).float()
 
 
+class _NoLaunch:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@pytest.fixture
+def stubbed_kernels(monkeypatch):
+    """The CUDA code path on CPU: the Triton attention launcher and the "cublas" loss (library GEMMs +
+    Triton row kernels) with every Triton kernel launch a no-op, so a test sees exactly what the host
+    dispatches around the kernels (the values are meaningless)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets backends.resolve accept "triton"/"cublas" on CPU
+    import sdpo_fast.kernels.attention.launch as attn
+    import sdpo_fast.kernels.logprobs.cublas as cub
+    import sdpo_fast.model as sm
+
+    stubbed = 0
+    for mod in (attn, cub):
+        for name in dir(mod):
+            if name.endswith("_kernel") and hasattr(getattr(mod, name), "__getitem__"):
+                monkeypatch.setattr(mod, name, _NoLaunch())
+                stubbed += 1
+    assert stubbed >= 5  # three attention kernels, two row kernels
+    assert sm._attention_backend_for("cublas") == "triton"
+
+
 def load_benchmark(name: str):
     """Imports ``benchmarks/<name>.py`` (not a package) as module ``name``, with the folder on sys.path
     as when the script runs (it imports the shared ``harness`` from there)."""

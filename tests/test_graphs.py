@@ -70,32 +70,7 @@ def _ref(batch, seed=0):
     return (-torch.rand(mask.shape, generator=gen) * 8).masked_fill(~mask, 0.0).to(batch.device)
 
 
-# ---- the CUDA code path on CPU, kernel launches stubbed --------------------------------------------
-
-
-class _NoLaunch:
-    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` does nothing."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
-@pytest.fixture
-def stubbed_kernels(monkeypatch):
-    """As tests/test_step_ops.py: the Triton attention launcher and the cublas loss with no-op launches."""
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets backends.resolve accept "cublas" on CPU
-    import sdpo_fast.kernels.attention.launch as attn
-    import sdpo_fast.kernels.logprobs.cublas as cub
-
-    stubbed = 0
-    for mod in (attn, cub):
-        for name in dir(mod):
-            if name.endswith("_kernel") and hasattr(getattr(mod, name), "__getitem__"):
-                monkeypatch.setattr(mod, name, _NoLaunch())
-                stubbed += 1
-    assert stubbed >= 5  # three attention kernels, two row kernels
-    assert sm._attention_backend_for("cublas") == "triton"
+# ---- the CUDA code path on CPU, kernel launches stubbed (conftest.stubbed_kernels) ------------------
 
 
 def _arg(a):
