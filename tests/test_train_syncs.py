@@ -94,12 +94,17 @@ def _spy_on_run_stage(monkeypatch) -> HostSyncs:
 STEPS = 3
 
 
-@pytest.mark.parametrize("extra", [[], ["--lora", "--reference", "live"]], ids=["precomputed", "lora-live"])
+@pytest.mark.parametrize("extra", [[], ["--lora", "--reference", "live"], ["--cuda_graphs"]],
+                         ids=["precomputed", "lora-live", "graph-path"])
 def test_a_trainer_step_syncs_at_most_once_outside_logging(tmp_path, monkeypatch, extra):
     spy = _spy_on_run_stage(monkeypatch)
+    backend = "torch"
+    if "--cuda_graphs" in extra:  # the CPU stand-in of the graphed step: bucketed batches, StepGraphs run eagerly
+        monkeypatch.setattr(train_mod, "_check_cuda_graphs", lambda train_args, device: None)
+        backend = "auto"
     args = ["--output_dir", str(tmp_path / "o"), *TINY, "--stage", "sdpo", "--max_train_examples", "16",
             "--batch_size", "4", "--max_steps", str(STEPS), "--log_every", str(STEPS), "--eval", "none",
-            "--num_negatives", "3", "--backend", "torch", *extra]
+            "--num_negatives", "3", "--backend", backend, *extra]
     assert train_mod.main(args) == 0
     where = "\n".join(f"{name} at {site}" for name, site in spy.calls)
     assert len(spy.calls) <= STEPS, f"{len(spy.calls)} host syncs in {STEPS} steps:\n{where}"
