@@ -73,7 +73,9 @@ def test_confident_target_keeps_gradient_precision():
     h64 = h.detach().double().requires_grad_(True)
     (h64 @ w.double().T).log_softmax(-1)[0, 7].backward()
     assert out.item() == pytest.approx(torch.log(torch.tensor(0.999, dtype=torch.float64)).item(), rel=1e-3)
-    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-8)
+    # fp32 holds p ~ 0.999 to ~6e-8, i.e. 1 - p to ~6e-5 relative: 1.3e-4 was seen on one x86 machine
+    # (its exp rounds differently); a cancelling formula would be off by O(1)
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=5e-4, atol=1e-8)
 
 
 def test_input_errors():
