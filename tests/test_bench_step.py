@@ -199,7 +199,7 @@ def test_cuda_graphs_refused_on_cpu(bench):
 # ----------------------------------------------------------------------------- CUDA-graph buckets
 
 
-@pytest.mark.parametrize("backend_mode", ["full", "lora"])
+@pytest.mark.parametrize("backend_mode", [pytest.param("full", marks=pytest.mark.slow), "lora"])
 def test_graphed_step_matches_the_eager_step(bench, backend_mode):
     """(c) through ``GraphedSteps`` (bucketed micro-batches, gradients accumulated across them; run
     eagerly here, ``capture=False``) gives the eager (c) step's gradients, micro-batch by micro-batch

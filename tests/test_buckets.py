@@ -323,6 +323,7 @@ def test_cublas_loss_kernels_do_not_see_the_padding(llama, interpreter, torch_at
                       sft_weight=0.5, loss_type=loss_type, options={"chunk_rows": chunk_rows})
 
 
+@pytest.mark.slow  # the interpreted attention kernels: ~6 s
 def test_cublas_with_triton_attention_does_not_see_the_padding(interpreter):
     """The whole CUDA code path interpreted (the Triton attention zero-fills a bucketed batch's outputs),
     on a 1-layer model, several device-side chunks."""

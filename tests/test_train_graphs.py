@@ -56,8 +56,9 @@ def test_cuda_graphs_bad_combinations(bad, message):
 
 @pytest.mark.parametrize("extra", [
     ["--stage", "sdpo"],
-    ["--stage", "sdpo", "--lora", "--reference", "live", "--loss_type", "dmpo", "--sft_weight", "0.5"],
-    ["--stage", "sft"],
+    pytest.param(["--stage", "sdpo", "--lora", "--reference", "live", "--loss_type", "dmpo", "--sft_weight", "0.5"],
+                 marks=pytest.mark.slow),
+    pytest.param(["--stage", "sft"], marks=pytest.mark.slow),
 ], ids=["sdpo-precomputed", "lora-live-dmpo-sft-term", "sft"])
 def test_graph_path_trains_like_the_plain_path(tmp_path, monkeypatch, extra):
     plain = _run(tmp_path, "plain", extra)
