@@ -54,11 +54,11 @@ def test_cuda_graphs_bad_combinations(bad, message):
         parse_args(["--cuda_graphs", *bad])
 
 
+@pytest.mark.slow  # six train.py runs (the everyday run has the graph path in tests/test_train_syncs.py)
 @pytest.mark.parametrize("extra", [
     ["--stage", "sdpo"],
-    pytest.param(["--stage", "sdpo", "--lora", "--reference", "live", "--loss_type", "dmpo", "--sft_weight", "0.5"],
-                 marks=pytest.mark.slow),
-    pytest.param(["--stage", "sft"], marks=pytest.mark.slow),
+    ["--stage", "sdpo", "--lora", "--reference", "live", "--loss_type", "dmpo", "--sft_weight", "0.5"],
+    ["--stage", "sft"],
 ], ids=["sdpo-precomputed", "lora-live-dmpo-sft-term", "sft"])
 def test_graph_path_trains_like_the_plain_path(tmp_path, monkeypatch, extra):
     plain = _run(tmp_path, "plain", extra)
