@@ -21,9 +21,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import torch
+
 from .packing import Group, PackedBatch, _validate, pack_groups
 
-__all__ = ["bucket_size", "pack_bucketed", "ROW_QUANTUM", "ROWS_QUANTUM"]
+__all__ = ["bucket_size", "pack_bucketed", "padded_reference", "ROW_QUANTUM", "ROWS_QUANTUM"]
 
 ROW_QUANTUM = 256  # packed tokens
 ROWS_QUANTUM = 64  # logit rows
@@ -90,3 +92,13 @@ def pack_bucketed(
                         device=device)
     key = (L_b, G_b, C, Nr_b, batch.num_targets)
     return dataclasses.replace(batch, bucket=key, padding_groups=pad)
+
+
+def padded_reference(ref: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """``ref`` ``[G_real, C]`` (the real groups' reference log-probs) with 0 rows for ``batch``'s padding
+    groups: ``[G, C]``, what the loss takes with a bucketed batch."""
+    if ref.shape[0] != batch.num_real_groups:
+        raise ValueError(f"ref has {ref.shape[0]} rows, the batch {batch.num_real_groups} real groups")
+    if not batch.padding_groups:
+        return ref
+    return torch.cat([ref, ref.new_zeros(batch.padding_groups, ref.shape[1])])

@@ -84,7 +84,7 @@ class StepGraphs:
         key = (batch.bucket, batch.padding_groups, str(batch.device), ref.dtype)
         entry = self.graphs.get(key)
         if entry is None and self.capture and len(self.graphs) < self.max_graphs:
-            entry = self.graphs[key] = self._capture(batch, ref)
+            entry = self.graphs[key] = self._capture(batch, ref, accumulate)
         elif entry is not None:
             for f in dataclasses.fields(batch):
                 src = getattr(batch, f.name)
@@ -98,13 +98,14 @@ class StepGraphs:
         self.replays += 1
         return entry.out
 
-    def _capture(self, batch: PackedBatch, ref: torch.Tensor) -> _Captured:
+    def _capture(self, batch: PackedBatch, ref: torch.Tensor, accumulate: bool) -> _Captured:
         # the graph's own inputs: the caller's batch stays the caller's, and no table the attention
         # cached for that object outside the capture can stand in for this batch's
         batch = dataclasses.replace(batch, **{f.name: getattr(batch, f.name).clone() for f in dataclasses.fields(batch)
                                               if isinstance(getattr(batch, f.name), torch.Tensor)})
         ref = ref.clone()
-        saved = [g.clone() for g in self.grads]  # what this call accumulates onto: the warm-ups add to it
+        # what this call accumulates onto (the warm-ups add to the gradients); zeros when not accumulating
+        saved = [g.clone() for g in self.grads] if accumulate else None
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -118,6 +119,9 @@ class StepGraphs:
         # the default "global" mode would turn into a capture error
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             out = tuple(self.step(batch, ref))
-        for g, s in zip(self.grads, saved):
-            g.copy_(s)
+        if saved is None:
+            torch._foreach_zero_(self.grads)
+        else:
+            for g, s in zip(self.grads, saved):
+                g.copy_(s)
         return _Captured(graph, batch, ref, out)

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, fingerprint
 from .config import eval_protocols, parse_args
+from .buckets import padded_reference
 from .errors import UserError, cli
 from .model import candidate_logprobs, candidate_sdpo_loss, unwrap_causal_lm
 from .outputs import MetricsLog, prepare_output_dir, write_json_atomic
@@ -236,9 +237,7 @@ class StepBatches(torch.utils.data.Dataset):
         if self.ref_all is not None:
             cols = batch.candidate_index.clamp(min=0)
             real = batch.packed.candidate_mask[: batch.packed.num_real_groups]
-            ref = self.ref_all[batch.idx].gather(1, cols).masked_fill(~real, 0.0)
-            if batch.packed.padding_groups:  # a bucketed batch: its padding groups' reference is 0
-                ref = torch.cat([ref, ref.new_zeros(batch.packed.padding_groups, ref.shape[1])])
+            ref = padded_reference(self.ref_all[batch.idx].gather(1, cols).masked_fill(~real, 0.0), batch.packed)
         return _Pinnable(batch, ref)
 
 

@@ -15,17 +15,13 @@ from __future__ import annotations
 import torch
 
 import sdpo_fast
+from sdpo_fast.buckets import padded_reference
 from sdpo_fast.graphs import StepGraphs
 
 
 def refuse_unless_cuda(device: torch.device) -> None:
     if device.type != "cuda":
         raise ValueError(f"--cuda-graphs needs a CUDA device, got {device}")
-
-
-def padded_ref(ref: torch.Tensor, groups: int) -> torch.Tensor:
-    """``[G, C]`` reference log-probs with 0 rows for the padding groups, up to ``groups`` rows."""
-    return torch.cat([ref, ref.new_zeros(groups - ref.shape[0], ref.shape[1])]) if groups > ref.shape[0] else ref
 
 
 class GraphedSteps:
@@ -42,7 +38,7 @@ class GraphedSteps:
         for mb in micro_batches:
             if mb.batch.bucket is None:
                 raise ValueError("GraphedSteps needs micro-batches packed into buckets (shapes.split(bucketed=True))")
-            table = padded_ref(ref(None, model, mb), mb.batch.num_groups).contiguous()
+            table = padded_reference(ref(None, model, mb), mb.batch).contiguous()
             self.inputs.append((mb.batch, table))
 
         def step(batch, table):

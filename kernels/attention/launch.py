@@ -223,11 +223,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _has_padding(batch) -> bool:
-    """Whether some row positions belong to no group (host metadata only). Without padding the
-    kernels write every position (the tiles partition each group), so outputs need no zero-fill."""
+    """Whether some row positions belong to no real group (host metadata only; a bucketed batch always
+    has padding groups, so every batch of a bucket zero-fills alike). Without padding the kernels write
+    every position (the tiles partition each group), so outputs need no zero-fill."""
     R, L = batch.shape
-    if getattr(batch, "bucket", None) is not None:  # the same launches for every batch of the bucket
-        return True
     return _cached(batch, "padded", lambda: batch.num_tokens != R * L)
 
 
