@@ -120,15 +120,7 @@ if [ "$PARTS" = realistic ]; then
         step pytest_graphs 120 "$PY" -m pytest -q -m gpu tests/test_graphs.py -p no:cacheprovider \
             --junitxml="$OUT/pytest_graphs.xml"
     fi
-    # shellcheck disable=SC2086
-    step step_1b_lora_p1024 $(( 150 * M )) "$PY" benchmarks/bench_step.py $common --name step_1b_lora_p1024 \
-        --runs $B1:lora --shapes $P --ks 15 --groups-per-step $GPS --refs precomputed
-    # shellcheck disable=SC2086
-    step step_7b_lora_paper $(( 170 * M )) "$PY" benchmarks/bench_step.py $common --name step_7b_lora_paper \
-        --runs $B7:lora --shapes paper --ks 1 3 15 --groups-per-step $GPS --refs precomputed
-    # shellcheck disable=SC2086
-    step step_1b_full_live $(( 80 * M )) "$PY" benchmarks/bench_step.py $common --name step_1b_full_live \
-        --runs $B1:full --shapes $P --ks 15 --groups-per-step $GPS --refs live
+    # the cheap one-group cells first (with and without graphs), so that a cut budget keeps them
     # shellcheck disable=SC2086
     step step_1b_lora_1group $(( 40 * M )) "$PY" benchmarks/bench_step.py $common --name step_1b_lora_1group \
         --runs $B1:lora --shapes $P --ks 15 --groups-per-step 1 --refs precomputed --methods c
@@ -137,6 +129,12 @@ if [ "$PARTS" = realistic ]; then
         step step_1b_lora_1group_graphs $(( 40 * M )) "$PY" benchmarks/bench_step.py $common --name step_1b_lora_1group_graphs \
             --runs $B1:lora --shapes $P --ks 15 --groups-per-step 1 --refs precomputed --methods c $G
     fi
+    # shellcheck disable=SC2086
+    step step_1b_lora_p1024 $(( 150 * M )) "$PY" benchmarks/bench_step.py $common --name step_1b_lora_p1024 \
+        --runs $B1:lora --shapes $P --ks 15 --groups-per-step $GPS --refs precomputed
+    # shellcheck disable=SC2086
+    step step_7b_lora_paper $(( 170 * M )) "$PY" benchmarks/bench_step.py $common --name step_7b_lora_paper \
+        --runs $B7:lora --shapes paper --ks 1 3 15 --groups-per-step $GPS --refs precomputed
     # The trainer (run_stage, new data every step) against the benchmark's (c) step at one shape.
     tcommon="--steps 5 --warmup 2 --rounds 2 --out $OUT $TINY"
     # shellcheck disable=SC2086
@@ -147,6 +145,9 @@ if [ "$PARTS" = realistic ]; then
         step trainer_1b_lora_1group_graphs $(( 40 * M )) "$PY" benchmarks/bench_trainer.py $tcommon \
             --name trainer_1b_lora_1group_graphs --run $B1:lora --shape $P --k 15 --groups 1 --cuda-graphs
     fi
+    # shellcheck disable=SC2086
+    step step_1b_full_live $(( 80 * M )) "$PY" benchmarks/bench_step.py $common --name step_1b_full_live \
+        --runs $B1:full --shapes $P --ks 15 --groups-per-step $GPS --refs live
 fi
 if [ "$PARTS" = step ] || [ "$PARTS" = all ]; then
     # shellcheck disable=SC2086

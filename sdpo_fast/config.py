@@ -347,6 +347,9 @@ def validate(model_args: ModelArguments, data_args: DataArguments, train_args: T
     if train_args.cuda_graphs and train_args.deepspeed is not None:
         problems.append("--cuda_graphs does not run under --deepspeed (ZeRO's hooks gather and reduce on the host "
                         "side of every step)")
+    if train_args.cuda_graphs and model_args.gradient_checkpointing:
+        problems.append("--cuda_graphs with --gradient_checkpointing is not supported (the recomputation saves and "
+                        "restores the RNG state inside the captured step; untested on a GPU)")
     if train_args.cuda_graphs and train_args.backend not in ("auto", "cublas", "triton"):
         problems.append(f"--cuda_graphs needs --backend auto, cublas or triton (the CUDA kernels), got {train_args.backend!r}")
     if train_args.deepspeed is not None and not os.path.isfile(train_args.deepspeed):

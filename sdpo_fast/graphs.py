@@ -16,7 +16,10 @@ What a replay relies on:
   attention's per-batch tile tables are built inside the capture, from the captured tensors, and
   rebuilt by every replay;
 - each graph has its own memory pool (replays come in any bucket order), so memory grows with the
-  number of graphs: at most ``max_graphs``, later buckets run eagerly.
+  number of graphs: at most ``max_graphs``, later buckets run eagerly, and so does a bucket whose
+  capture ran out of memory (a warning says so once);
+- the warm-ups and captures run on one side stream of this object's own: cuBLAS caches a workspace
+  per stream, which this object's graphs then share and nobody else's graphs do.
 
 The optimizer step stays eager (fused AdamW is a few kernels). CUDA only; without ``capture``
 (CPU tests) every call runs the step eagerly through the same bookkeeping.
@@ -25,6 +28,8 @@ The optimizer step stays eager (fused AdamW is a few kernels). CUDA only; withou
 from __future__ import annotations
 
 import dataclasses
+import gc
+import warnings
 
 import torch
 
@@ -61,6 +66,8 @@ class StepGraphs:
         self.step, self.params = step, [p for p in params if p.requires_grad]
         self.capture, self.max_graphs, self.warmup = capture, max_graphs, warmup
         self.graphs: dict[tuple, _Captured] = {}
+        self.uncaptured: set[tuple] = set()  # buckets whose capture ran out of memory
+        self._stream = None
         self.grads: list[torch.Tensor] | None = None
         self.eager_steps = 0
         self.replays = 0
@@ -83,8 +90,15 @@ class StepGraphs:
             torch._foreach_zero_(self.grads)
         key = (batch.bucket, batch.padding_groups, str(batch.device), ref.dtype)
         entry = self.graphs.get(key)
-        if entry is None and self.capture and len(self.graphs) < self.max_graphs:
-            entry = self.graphs[key] = self._capture(batch, ref, accumulate)
+        if entry is None and self.capture and key not in self.uncaptured and len(self.graphs) < self.max_graphs:
+            try:
+                entry = self.graphs[key] = self._capture(batch, ref, accumulate)
+            except torch.OutOfMemoryError:
+                self.uncaptured.add(key)
+                gc.collect()
+                torch.cuda.empty_cache()
+                warnings.warn(f"CUDA graphs: capturing the step of bucket {batch.bucket} ran out of memory; its "
+                              f"batches run eagerly ({len(self.graphs)} graphs kept)", stacklevel=2)
         elif entry is not None:
             for f in dataclasses.fields(batch):
                 src = getattr(batch, f.name)
@@ -106,22 +120,26 @@ class StepGraphs:
         ref = ref.clone()
         # what this call accumulates onto (the warm-ups add to the gradients); zeros when not accumulating
         saved = [g.clone() for g in self.grads] if accumulate else None
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                # a fresh object: the attention caches its tile tables per batch object, and the
-                # captured batch's tables must be built inside the capture
-                self.step(dataclasses.replace(batch), ref)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the DataLoader's pin-memory thread may allocate pinned memory meanwhile, which
-        # the default "global" mode would turn into a capture error
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            out = tuple(self.step(batch, ref))
-        if saved is None:
-            torch._foreach_zero_(self.grads)
-        else:
-            for g, s in zip(self.grads, saved):
-                g.copy_(s)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        side = self._stream
+        try:
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    # a fresh object: the attention caches its tile tables per batch object, and the
+                    # captured batch's tables must be built inside the capture
+                    self.step(dataclasses.replace(batch), ref)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the DataLoader's pin-memory thread may allocate pinned memory meanwhile, which
+            # the default "global" mode would turn into a capture error
+            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                out = tuple(self.step(batch, ref))
+        finally:  # the warm-ups added to the gradients, also when one of them failed
+            if saved is None:
+                torch._foreach_zero_(self.grads)
+            else:
+                for g, s in zip(self.grads, saved):
+                    g.copy_(s)
         return _Captured(graph, batch, ref, out)

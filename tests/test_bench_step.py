@@ -119,6 +119,17 @@ def test_out_of_memory_halves_the_micro_batch_then_marks_oom(bench, tmp_path, mo
     assert "| 3 | OOM |" in paths["md"].read_text()
 
 
+def test_what_counts_as_out_of_memory(bench):
+    """The micro-batch search halves on CUDA's and the CPU allocator's OOMs and on cuBLAS's failed
+    workspace allocation; any other error propagates."""
+    is_oom = bench.microbatch.is_oom
+    assert is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:116] DefaultCPUAllocator: can't allocate memory"))
+    assert is_oom(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
+    assert not is_oom(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not is_oom(ValueError("out of memory"))
+
+
 def test_cpu_memory_cap_counts_as_out_of_memory(bench, monkeypatch):
     """With ``cpu_mem_cap_mib`` a micro-batch whose RSS growth exceeds the cap is refused like an OOM."""
     growth = iter([300.0, 150.0, 75.0])
@@ -199,6 +210,26 @@ def test_cuda_graphs_refused_on_cpu(bench):
 # ----------------------------------------------------------------------------- CUDA-graph buckets
 
 
+def test_a_graphed_sweep_checks_its_replays(bench, tmp_path, monkeypatch):
+    """``--cuda-graphs`` through the whole sweep (its graphs run eagerly: the capture is CUDA's): the
+    (c) row carries the replay-against-eager check and the usual timing; (a) stays eager."""
+    import functools
+
+    monkeypatch.setattr(bench.graphs, "refuse_unless_cuda", lambda device: None)
+    monkeypatch.setattr(bench.graphs, "GraphedSteps", functools.partial(bench.graphs.GraphedSteps, capture=False))
+    argv = TINY + ["--ks", "3", "--runs", "tiny-7b:lora", "--methods", "a", "c", "--cuda-graphs", "--warmup", "1",
+                   "--out", str(tmp_path), "--name", "g", "--no-plot"]
+    with pytest.raises(ValueError, match="--warmup >= 1"):
+        bench.parse_args(argv + ["--warmup", "0"])
+    meta, rows, paths = bench.main(argv)
+    assert meta["cuda_graphs"] is True
+    by = {r["method"]: r for r in rows}
+    assert by["c"]["status"] == "ok" and by["c"]["graph_check"] == "ok", by["c"]
+    assert by["c"]["graph_grad_rel_err"] < 1e-5 and by["c"]["check"] == "ok"
+    assert "graph_check" not in by["a"] and by["a"]["status"] == "ok"
+    assert "graph_check" in paths["md"].read_text()
+
+
 @pytest.mark.parametrize("backend_mode", [pytest.param("full", marks=pytest.mark.slow), "lora"])
 def test_graphed_step_matches_the_eager_step(bench, backend_mode):
     """(c) through ``GraphedSteps`` (bucketed micro-batches, gradients accumulated across them; run
@@ -230,6 +261,13 @@ def test_graphed_step_matches_the_eager_step(bench, backend_mode):
         graphed.run()
         for p, w in zip(params, want):
             torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-6)
+    checked = graphed.check()  # what the benchmark writes into a graphed row
+    assert checked["graph_check"] == "ok" and checked["graph_grad_rel_err"] < 1e-5, checked
+    assert checked["graph_loss_rel_err"] < 1e-6, checked
+    step = graphed.graphs.step  # a replay that returned another loss is caught
+    graphed.graphs.step = lambda batch, table: tuple(x * 1.1 for x in step(batch, table))
+    wrong = graphed.check()
+    assert wrong["graph_check"] == "MISMATCH" and abs(wrong["graph_loss_rel_err"] - 0.1) < 1e-3, wrong
     with pytest.raises(ValueError, match="packed into buckets"):
         bench.graphs.GraphedSteps(model, plain, ref, 6, capture=False)
     with pytest.raises(ValueError, match="precomputed"):

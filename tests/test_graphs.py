@@ -310,6 +310,36 @@ def test_each_call_gives_its_own_batch_gradients(lora):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
 
 
+def test_a_capture_out_of_memory_leaves_that_bucket_eager(monkeypatch):
+    """A bucket whose capture runs out of memory runs eagerly from then on, with the eager gradients, and
+    is not captured again (the capture itself is CUDA's; here it fails at once)."""
+    model = tiny_llama()
+    params = [p for p in model.parameters() if p.requires_grad]
+    a, b, _ = _batches()
+    graphs = StepGraphs(_graph_step(model), model.parameters(), capture=False)
+    graphs.capture = True  # as on CUDA, with a capture that fails
+    tries = []
+
+    def out_of_memory(batch, ref, accumulate):
+        tries.append(batch.bucket)
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(graphs, "_capture", out_of_memory)
+    for i, batch in enumerate((a, b)):
+        ref = _ref(batch, seed=i)
+        want_loss, _, want = _eager(model, batch, ref)
+        if i == 0:
+            with pytest.warns(UserWarning, match="ran out of memory; its batches run eagerly"):
+                loss, _ = graphs(batch, ref)
+        else:
+            loss, _ = graphs(batch, ref)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-7)
+        for p, g in zip(params, want):
+            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    assert tries == [a.bucket] and graphs.uncaptured == {(a.bucket, a.padding_groups, "cpu", torch.float32)}
+    assert graphs.eager_steps == 2 and graphs.graphs == {}
+
+
 # ---- the replay itself (CUDA) ----------------------------------------------------------------------
 
 
@@ -344,3 +374,58 @@ def test_a_captured_graph_replays_another_layout(lora):
     assert len(graphs.graphs) == 1 and graphs.replays == len(order) and graphs.eager_steps == 0
     # the negative control: the layouts' gradients differ, so a stale replay would have been seen
     assert any((ga - gb).abs().max() > 1e-4 for ga, gb in zip(wants[0][2], wants[1][2]))
+
+
+@pytest.mark.gpu
+def test_full_fine_tuning_replays_a_row_of_over_4096_tokens():
+    """Full fine-tuning trains the embedding, whose CUDA backward takes another path (sort and unique)
+    above 4096 indices; the captured step of a ~5,000-token row replays with the eager gradients."""
+    dev = torch.device("cuda")
+    model = tiny_llama().to(dev)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(0)
+
+    def groups(seed):
+        g.manual_seed(seed)
+        rand = lambda n: torch.randint(1, V, (n,), generator=g).tolist()
+        return [(rand(100), [rand(3), rand(2), rand(4)]) for _ in range(48)]
+
+    batches = [pack_bucketed(groups(s), vocab_size=V, device=dev) for s in (1, 2)]
+    assert batches[0].bucket == batches[1].bucket and batches[0].shape[1] > 4096
+    refs = [_ref(b, seed=i) for i, b in enumerate(batches)]
+    wants = [_eager(model, _clone(b), r, backend="cublas") for b, r in zip(batches, refs)]
+    graphs = StepGraphs(_graph_step(model, backend="cublas"), model.parameters(), capture=True)
+    for i in (0, 1):
+        loss, _ = graphs(_clone(batches[i]), refs[i])
+        torch.cuda.synchronize()
+        torch.testing.assert_close(loss, wants[i][0], rtol=1e-5, atol=1e-6)
+        for p, want in zip(params, wants[i][2]):
+            torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-6)
+    assert graphs.replays == 2 and graphs.eager_steps == 0
+
+
+@pytest.mark.gpu
+def test_graphs_replay_after_another_objects_graphs_are_gone():
+    """Two ``StepGraphs`` (the benchmark's and the trainer's in bench_trainer.py): the first one's graphs
+    freed, the second's still replay with the eager gradients (each object captures on its own stream,
+    so no graph holds a cuBLAS workspace another object's graph owned)."""
+    dev = torch.device("cuda")
+    model = tiny_llama(lora=True).to(dev)
+    params = [p for p in model.parameters() if p.requires_grad]
+    batches = _batches(dev)
+    refs = [_ref(b, seed=i) for i, b in enumerate(batches)]
+    first = StepGraphs(_graph_step(model, backend="cublas"), model.parameters(), capture=True)
+    first(_clone(batches[0]), refs[0])
+    second = StepGraphs(_graph_step(model, backend="cublas"), model.parameters(), capture=True)
+    second(_clone(batches[0]), refs[0])
+    del first
+    import gc
+
+    gc.collect()
+    torch.cuda.synchronize()
+    want_loss, _, want = _eager(model, _clone(batches[1]), refs[1], backend="cublas")
+    loss, _ = second(_clone(batches[1]), refs[1])
+    torch.cuda.synchronize()
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    for p, g in zip(params, want):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)

@@ -46,6 +46,7 @@ def test_cuda_graphs_are_refused_off_cuda(tmp_path, capsys):
 @pytest.mark.parametrize("bad, message", [
     (["--deepspeed", "configs/zero3.json"], "--cuda_graphs does not run under --deepspeed"),
     (["--backend", "native"], "--cuda_graphs needs --backend auto, cublas or triton"),
+    (["--gradient_checkpointing"], "--cuda_graphs with --gradient_checkpointing is not supported"),
 ])
 def test_cuda_graphs_bad_combinations(bad, message):
     from sdpo_fast.config import parse_args

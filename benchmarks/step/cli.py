@@ -76,6 +76,8 @@ def parse_args(argv=None, doc: str | None = None):
         graphs.refuse_unless_cuda(torch.device(args.device))
         if args.refs != ["precomputed"]:
             raise ValueError("--cuda-graphs needs --refs precomputed (the live reference reads the device)")
+        if args.warmup < 1:  # else the first timed step holds the eager warm-ups and the capture
+            raise ValueError(f"--cuda-graphs needs --warmup >= 1, got {args.warmup}")
     args.runs = list(dict.fromkeys(args.runs))
     args.flce_provider = methods.fused_linear_ce
     return args

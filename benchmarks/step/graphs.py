@@ -6,11 +6,13 @@ groups); each bucket's step is captured once and every micro-batch of it is repl
 are copied into the captured ones, as the trainer does with new data every step. The loss is the SUM
 over the real groups divided by the step's group count; padding groups add nothing. The reference
 log-probs are precomputed (the benchmark's live reference reads the token ids back to check them).
-The optimizer step stays eager. CUDA only (``tests/test_bench_step.py`` runs the same bookkeeping
+The optimizer step stays eager; ``check`` compares a replay with an eager step. CUDA only (``tests/test_bench_step.py`` runs the same bookkeeping
 eagerly on CPU).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -46,8 +48,27 @@ class GraphedSteps:
             (loss / n_groups).backward()
             return (loss.detach(),)
 
+        self.model, self.n_groups = model, n_groups
         self.graphs = StepGraphs(step, model.parameters(), capture=capture)
 
     def run(self, micro_batches=None) -> None:
         for i, (batch, table) in enumerate(self.inputs):
             self.graphs(batch, table, accumulate=i > 0)
+
+    def check(self) -> dict:
+        """The first micro-batch replayed against an eager step on a copy of it: relative errors of the
+        loss and the gradients, and ``graph_check`` ok within bf16 rounding. Overwrites ``.grad``."""
+        batch, table = self.inputs[0]
+        (loss,) = self.graphs(batch, table)
+        got_loss, got = loss.float().clone(), [g.float().clone() for g in self.graphs.grads]
+        copy = dataclasses.replace(batch, **{f.name: getattr(batch, f.name).clone() for f in dataclasses.fields(batch)
+                                             if isinstance(getattr(batch, f.name), torch.Tensor)})
+        want_loss, _ = sdpo_fast.candidate_sdpo_loss(self.model, copy, table, beta=1.0, reduction="sum", backend="auto")
+        want = torch.autograd.grad(want_loss / self.n_groups, self.graphs.params)
+        loss_err = ((got_loss - want_loss.float()).abs() / want_loss.float().abs().clamp_min(1e-12)).item()
+        diff = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g - w.float()) for g, w in zip(got, want)]))
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(w.float()) for w in want]))
+        grad_err = (diff / norm.clamp_min(1e-30)).item()
+        ok = loss_err <= 1e-2 and grad_err <= 1e-2
+        return dict(graph_loss_rel_err=float(f"{loss_err:.3g}"), graph_grad_rel_err=float(f"{grad_err:.3g}"),
+                    graph_check="ok" if ok else "MISMATCH")

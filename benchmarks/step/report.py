@@ -80,8 +80,8 @@ def markdown(meta, rows, summary) -> str:
     lines += ["## All rows", ""]
     cols = ["config", "shape", "K", "groups_per_step", "ref", "method", "status", "micro_batch", "accumulation",
             "search", "ms", "ms_spread", "groups_per_s", "tokens_per_s", "epoch_h", "tokens_processed", "mem_mib",
-            "step_mib", "loss", "grad_norm", "logps_rel_err", "grad_rel_err", "ref32_loss_abs_err",
-            "ref32_logps_rel_err", "ref32_grad_rel_err", "check"]
+            "step_mib", "capture_mib", "loss", "grad_norm", "logps_rel_err", "grad_rel_err", "ref32_loss_abs_err",
+            "ref32_logps_rel_err", "ref32_grad_rel_err", "check", "graph_loss_rel_err", "graph_grad_rel_err", "graph_check"]
     cols = [c for c in cols if any(c in r for r in rows)]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |" for r in rows]

@@ -203,10 +203,18 @@ def time_methods(methods, rows, model, opt, groups, k, vocab, ref_kind, lora, ta
         rows[key]["status"] = status
         alive.remove(key)
 
+    capture_mib = {}
     for key in list(alive):
+        graphed = state[key][2] is not None and device.type == "cuda"
+        if graphed:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
         _, status = microbatch.attempt(lambda: [run(key) for _ in range(args.warmup)], opt, device)
         if status:
             drop(key, status)
+        elif graphed:  # a replay allocates nothing: the activations' peak is the capture's (and its warm-ups')
+            torch.cuda.synchronize(device)
+            capture_mib[key] = torch.cuda.max_memory_allocated(device) / 2**20
 
     def wants_more(key):
         spent = sum(s["ms"] for s in steps[key]) / 1e3
@@ -219,6 +227,10 @@ def time_methods(methods, rows, model, opt, groups, k, vocab, ref_kind, lora, ta
                 drop(key, status)
             else:
                 steps[key].append(step)
+    for key in alive:
+        if state[key][2] is not None:  # a replay against an eager step of the same micro-batch
+            check, status = microbatch.attempt(state[key][2].check, opt, device)
+            rows[key].update(check or dict(graph_check=status))
     for key in state:
         state[key][1].release()
     data_tokens = sum(len(p) + sum(len(c) for c in cs) for p, cs in groups)
@@ -229,6 +241,9 @@ def time_methods(methods, rows, model, opt, groups, k, vocab, ref_kind, lora, ta
         for field in ("mem_mib", "step_mib"):  # GPU: the largest over the timed steps
             if field in steps[key][0]:
                 row[field] = round(max(s[field] for s in steps[key]), 1)
+        if key in capture_mib:  # graphed: the capture's peak counts too (step_mib stays the replays' own)
+            row["capture_mib"] = round(capture_mib[key], 1)
+            row["mem_mib"] = max(row["mem_mib"], row["capture_mib"])
         row["groups_per_s"] = float(f"{len(groups) / (row['ms'] / 1e3):.4g}")
         row["tokens_per_s"] = float(f"{data_tokens / (row['ms'] / 1e3):.4g}")
         row["epoch_h"] = float(f"{shapes.ML100K_GROUPS / row['groups_per_s'] / 3600:.4g}")
@@ -301,7 +316,9 @@ def environment(args, device, methods, notes) -> dict:
         + (" (CUDA events)" if device.type == "cuda" else " (wall clock)"),
         memory=(
             "mem = torch.cuda.max_memory_allocated over the timed steps (weights, optimizer, activations); "
-            "step = its growth over the weights and optimizer state"
+            "step = its growth over the weights and optimizer state; with CUDA graphs, mem also covers the "
+            "warm-up steps that capture (capture = that peak: a replay allocates nothing, its graph's pool stays "
+            "reserved)"
             if device.type == "cuda"
             else "mem = growth of the process RSS during one micro-batch's forward+backward (sampled every ms; approximate)"
         ),
