@@ -95,6 +95,7 @@ class StepGraphs:
                 entry = self.graphs[key] = self._capture(batch, ref, accumulate)
             except torch.OutOfMemoryError:
                 self.uncaptured.add(key)
+            if entry is None:  # outside the except block, whose traceback holds the failed step's tensors
                 gc.collect()
                 torch.cuda.empty_cache()
                 warnings.warn(f"CUDA graphs: capturing the step of bucket {batch.bucket} ran out of memory; its "
