@@ -4,8 +4,9 @@ without walking the module tree each step.
 ``peft.get_peft_model`` keeps adapters in fp32 on a bf16 base by default (``autocast_adapter_dtype``),
 so every adapter matmul casts its input and output: on the Llama-3.2-1B LoRA step about 1,350 of
 ~4,700 kernels were such casts (issue 16). ``lora_model`` builds the adapters in the base dtype
-instead. The choice costs adapter precision: with plain AdamW on bf16 weights an update much smaller
-than the weight rounds away (DeepSpeed's bf16 mode keeps fp32 master weights and is not affected).
+instead. On bf16 weights alone an AdamW update much smaller than the weight would round away, so the
+optimizer keeps fp32 masters of them (``sdpo_fast.optim.MasterAdamW``; DeepSpeed's bf16 mode does the
+same in its engine).
 """
 
 from __future__ import annotations

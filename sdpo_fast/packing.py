@@ -148,6 +148,13 @@ class PackedBatch:
         }
         return dataclasses.replace(self, **moved)
 
+    def pin_memory(self) -> "PackedBatch":
+        """A copy with every tensor in page-locked host memory (what a DataLoader with ``pin_memory=True``
+        calls), so that ``to(cuda, non_blocking=True)`` does not wait."""
+        pinned = {f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)
+                  if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **pinned)
+
     def attention_mask(self) -> torch.Tensor:
         """Dense boolean shared-prefix mask ``[R, 1, L, L]`` (True = may attend).
 

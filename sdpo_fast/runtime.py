@@ -19,6 +19,7 @@ import torch
 from . import checkpoint
 from .errors import UserError
 from .model import unwrap_causal_lm
+from .optim import MasterAdamW
 
 
 def is_distributed() -> bool:
@@ -145,8 +146,9 @@ class Runtime:
         else:
             self.model = model.to(device)
             params = [p for p in model.parameters() if p.requires_grad]
-            fused = {"fused": True} if _fused_adamw_ok(params, device) else {}
-            self.optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=weight_decay, **fused)
+            # fp32 masters of half-precision weights (bf16 LoRA adapters, bf16 full fine-tuning)
+            self.optimizer = MasterAdamW(params, lr=0.0, weight_decay=weight_decay,
+                                         fused=_fused_adamw_ok(params, device))
         self.stage3 = self.engine is not None and self.engine.zero_optimization_stage() == 3
 
     @property
@@ -189,8 +191,7 @@ class Runtime:
             return loss_value, norm
         if not grads_ready:
             loss.backward()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        norm_t = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        norm_t = torch.nn.utils.clip_grad_norm_(self.optimizer.master_grads(), self.max_grad_norm)  # fp32
         loss_value, norm = torch.stack([value, norm_t.detach().float().reshape(())]).tolist()
         if watch_loss and not np.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
@@ -254,7 +255,8 @@ class Runtime:
                 raise UserError(f"checkpoint {path} holds no training state (DeepSpeed found no 'state' tag)")
         else:
             file = os.path.join(path, "state.pt")
-            state = checkpoint.load_file(file, map_location=self.device, weights_only=False)
+            # on the host: the RNG states must be CPU tensors; copy_ and the optimizer move the rest over
+            state = checkpoint.load_file(file, map_location="cpu", weights_only=False)
             if not isinstance(state, dict) or not {"trainable", "optimizer", "client_state"} <= set(state):
                 raise UserError(f"checkpoint file {file} is not a training state saved by sdpo_fast")
             named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -275,7 +277,10 @@ class Runtime:
             with torch.no_grad():
                 for n, t in state["trainable"].items():
                     named[n].copy_(t)
-            self.optimizer.load_state_dict(state["optimizer"])
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (ValueError, KeyError) as exc:
+                raise UserError(f"checkpoint file {file} holds an optimizer state for other parameters ({exc})") from None
             client_state = state["client_state"]
         set_rng_state(client_state.pop("rng"))
         return client_state, meta

@@ -27,7 +27,6 @@ of stderr with exit status 2.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -238,26 +237,7 @@ class StepBatches(torch.utils.data.Dataset):
             cols = batch.candidate_index.clamp(min=0)
             real = batch.packed.candidate_mask[: batch.packed.num_real_groups]
             ref = padded_reference(self.ref_all[batch.idx].gather(1, cols).masked_fill(~real, 0.0), batch.packed)
-        return _Pinnable(batch, ref)
-
-
-class _Pinnable(tuple):
-    """``(batch, ref)`` that the DataLoader's pin-memory thread knows how to pin."""
-
-    def __new__(cls, batch, ref):
-        return super().__new__(cls, (batch, ref))
-
-    def __getnewargs__(self):  # pickled from the worker processes
-        return tuple(self)
-
-    def pin_memory(self):
-        batch, ref = self
-        packed = batch.packed
-        pinned = {f.name: getattr(packed, f.name).pin_memory() for f in dataclasses.fields(packed)
-                  if isinstance(getattr(packed, f.name), torch.Tensor)}
-        batch = dataclasses.replace(batch, packed=dataclasses.replace(packed, **pinned),
-                                    candidate_index=batch.candidate_index.pin_memory(), idx=batch.idx.pin_memory())
-        return _Pinnable(batch, ref.pin_memory() if ref is not None else None)
+        return batch, ref  # the DataLoader pins both: a tensor, and SDPOBatch.pin_memory
 
 
 def _as_is(item):
@@ -294,7 +274,8 @@ def run_stage(stage, runtime, tokenizer, train_ds, data_args, train_args, log, s
               ref_all=None, stop=None):
     """Train one stage; returns the number of steps it ran in total.
 
-    ``ref_all``: ``[N, C]`` precomputed reference log-probs (S-DPO with ``--reference precompute``).
+    ``ref_all``: ``[N, C]`` precomputed reference log-probs on the host (S-DPO with ``--reference precompute``;
+    DataLoader workers gather from it).
     ``stop``: a ``GracefulStop``; when it reports a signal after a step, that step's checkpoint is
     written (``on_save``) and ``Stopped`` raised.
 
@@ -584,6 +565,8 @@ def _main(argv=None) -> int:
         results, done = state["results"], state["done"]
         resume_stage, resume_step = state["stage"], state["step"]
         rows, ref_state = state.get("metrics", []), state.get("reference", {})
+        if "logps" in ref_state:  # DeepSpeed may map a checkpoint to the GPU; the DataLoader workers read it
+            ref_state["logps"] = ref_state["logps"].to("cpu")
         if rank() == 0:
             print(f"resumed {resume_stage} at step {resume_step} from {resume_path}")
     if rank() == 0:

@@ -51,6 +51,12 @@ class SDPOBatch:
             idx=self.idx.to(device, non_blocking=non_blocking),
         )
 
+    def pin_memory(self) -> "SDPOBatch":
+        """A copy in page-locked host memory: the DataLoader's pin-memory thread calls this method on
+        any object it does not know (every torch version; a tuple subclass is rebuilt as a tuple by some)."""
+        return dataclasses.replace(self, packed=self.packed.pin_memory(),
+                                   candidate_index=self.candidate_index.pin_memory(), idx=self.idx.pin_memory())
+
 
 class SDPOCollator:
     """Turn tokenised features into an ``SDPOBatch`` of S-DPO groups.

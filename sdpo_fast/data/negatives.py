@@ -98,7 +98,7 @@ def policy_scores(
     was_training = lm.training
     lm.eval()  # no dropout while choosing
     try:
-        scores = candidate_logprobs(model, batch, backend=backend).float()
+        scores = candidate_logprobs(model, batch, backend=backend, check_ids=False).float()  # pack_groups checked them
     finally:
         lm.train(was_training)
     scores = scores.masked_fill(~batch.candidate_mask, float("-inf")).cpu()
