@@ -148,6 +148,11 @@ if [ "$PARTS" = realistic ]; then
     # shellcheck disable=SC2086
     step step_1b_full_live $(( 80 * M )) "$PY" benchmarks/bench_step.py $common --name step_1b_full_live \
         --runs $B1:full --shapes $P --ks 15 --groups-per-step $GPS --refs live
+    if [ "${DRY_RUN:-0}" != 1 ]; then
+        # last, with what is left: the trainer's own gpu tests (graphed vs eager train.py runs, resume on CUDA)
+        step pytest_trainer 90 "$PY" -m pytest -q -m gpu tests/test_train_graphs.py -p no:cacheprovider \
+            --junitxml="$OUT/pytest_trainer.xml"
+    fi
 fi
 if [ "$PARTS" = step ] || [ "$PARTS" = all ]; then
     # shellcheck disable=SC2086

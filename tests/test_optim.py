@@ -127,3 +127,32 @@ def test_a_plain_adamw_state_loads_and_wrong_masters_are_refused():
         other.load_state_dict(opt.state_dict())
     with pytest.raises(ValueError, match="no parameters"):
         MasterAdamW([], lr=LR)
+
+
+def test_a_bf16_lora_run_resumes_exactly_with_its_masters(tmp_path, one_thread, monkeypatch):
+    """train.py in bf16 (LoRA adapters in bf16, fp32 masters in the optimizer): the checkpoint holds
+    the masters, and a run resumed from it gives the uninterrupted run's losses bit for bit."""
+    import json
+
+    from sdpo_fast import train as train_mod
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    common = ["--tiny_layers", "1", "--tiny_hidden", "64", "--tokenizer_vocab", "400", "--max_train_examples", "12",
+              "--batch_size", "4", "--max_steps", "3", "--eval", "none", "--num_negatives", "3", "--stage", "sdpo",
+              "--lora", "--bf16", "true", "--sdpo_learning_rate", "1e-5", "--save_steps", "1"]
+
+    def losses(out):
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in rows if "loss" in r and "stage" in r]
+
+    assert train_mod.main(["--output_dir", str(tmp_path / "a"), *common]) == 0
+    state = torch.load(tmp_path / "a" / "checkpoint-sdpo-1" / "state.pt", weights_only=False)
+    adapters = {n: t for n, t in state["trainable"].items() if "lora_" in n}
+    assert adapters and all(t.dtype == torch.bfloat16 for t in adapters.values())
+    masters = state["optimizer"]["masters"]
+    assert len(masters) == len(state["trainable"]) and all(m.dtype == torch.float32 for m in masters)
+    for m, t in zip(masters, state["trainable"].values()):  # the weights are the rounded masters
+        assert torch.equal(m.to(torch.bfloat16), t)
+    assert train_mod.main(["--output_dir", str(tmp_path / "b"), *common,
+                           "--resume_from_checkpoint", str(tmp_path / "a" / "checkpoint-sdpo-1")]) == 0
+    assert losses(tmp_path / "b") == losses(tmp_path / "a") and len(losses(tmp_path / "a")) == 3

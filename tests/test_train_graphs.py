@@ -85,3 +85,32 @@ def test_graph_path_trains_like_the_plain_path(tmp_path, monkeypatch, extra):
                 assert b[k] == pytest.approx(a[k], rel=2e-5, abs=1e-6), (k, a, b)
             else:
                 assert b[k] == a[k], (k, a, b)
+
+
+# ---- on CUDA (``gpu`` marker): the trainer's own first GPU runs ------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("extra", [["--stage", "sdpo"], ["--stage", "sdpo", "--lora", "--reference", "live"]],
+                         ids=["full-precomputed", "lora-live"])
+def test_on_cuda_graphed_training_follows_the_eager_run(tmp_path, extra):
+    """bf16 on CUDA (the default there), DataLoader workers, pinned batches, fp32 masters: the graphed
+    run's losses follow the eager run's (no dropout in the tiny model; bf16 rounding of padded rows)."""
+    plain = _run(tmp_path, "plain", extra)
+    graphed = _run(tmp_path, "graphed", [*extra, "--cuda_graphs"])
+    assert len(plain) == len(graphed) == 3
+    for a, b in zip(plain, graphed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-2), (a, b)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=5e-2), (a, b)
+
+
+@pytest.mark.gpu
+def test_on_cuda_resume_continues_the_run(tmp_path):
+    """A checkpoint written on CUDA resumes on CUDA (RNG states, reference log-probs, masters on the
+    right devices) with the following losses of the uninterrupted run."""
+    common = ["--stage", "sdpo", "--lora", "--save_steps", "1"]
+    whole = _run(tmp_path, "a", common)
+    resumed = _run(tmp_path, "b", [*common, "--resume_from_checkpoint", str(tmp_path / "a" / "checkpoint-sdpo-1")])
+    assert [r["step"] for r in resumed] == [r["step"] for r in whole] == [1, 2, 3]
+    for a, b in zip(whole[1:], resumed[1:]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3), (a, b)
