@@ -18,8 +18,11 @@ What a replay relies on:
 - each graph has its own memory pool (replays come in any bucket order), so memory grows with the
   number of graphs: at most ``max_graphs``, later buckets run eagerly, and so does a bucket whose
   capture ran out of memory (a warning says so once);
-- the warm-ups and captures run on one side stream of this object's own: cuBLAS caches a workspace
-  per stream, which this object's graphs then share and nobody else's graphs do.
+- each capture (and its warm-ups) runs on a side stream of its own: cuBLAS keeps a workspace per
+  stream, baked into the graphs captured on it, and PyTorch frees a stream's workspace when a graph
+  captured on it is destroyed (pytorch issue 193402), so no graph may share its stream with one that
+  can die before it (a failed capture, another object's graphs). The streams come from PyTorch's pool
+  of 32 per device, so this holds while the process captures on fewer than 32.
 
 The optimizer step stays eager (fused AdamW is a few kernels). CUDA only; without ``capture``
 (CPU tests) every call runs the step eagerly through the same bookkeeping.
@@ -67,7 +70,6 @@ class StepGraphs:
         self.capture, self.max_graphs, self.warmup = capture, max_graphs, warmup
         self.graphs: dict[tuple, _Captured] = {}
         self.uncaptured: set[tuple] = set()  # buckets whose capture ran out of memory
-        self._stream = None
         self.grads: list[torch.Tensor] | None = None
         self.eager_steps = 0
         self.replays = 0
@@ -121,9 +123,7 @@ class StepGraphs:
         ref = ref.clone()
         # what this call accumulates onto (the warm-ups add to the gradients); zeros when not accumulating
         saved = [g.clone() for g in self.grads] if accumulate else None
-        if self._stream is None:
-            self._stream = torch.cuda.Stream()
-        side = self._stream
+        side = torch.cuda.Stream()
         try:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -138,6 +138,7 @@ class StepGraphs:
             with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
                 out = tuple(self.step(batch, ref))
         finally:  # the warm-ups added to the gradients, also when one of them failed
+            torch.cuda.current_stream().wait_stream(side)  # a failed warm-up's kernels may still run there
             if saved is None:
                 torch._foreach_zero_(self.grads)
             else:

@@ -10,7 +10,8 @@ rounded back into the weights. fp32 parameters are their own masters. DeepSpeed'
 same inside its engine (``Runtime`` uses this class only without DeepSpeed).
 
 Costs per step: one gradient copy and one weight copy of the half parameters (two ``_foreach_copy_``
-launches per dtype and device); memory: fp32 weights and gradients beside the half ones.
+launches per device); memory: fp32 weights beside the half ones, made at the first step (an
+evaluation-only run makes none), and during the optimizer step only, fp32 gradients in one buffer.
 """
 
 from __future__ import annotations
@@ -36,10 +37,23 @@ class MasterAdamW:
         if not self.params:
             raise ValueError("MasterAdamW: no parameters")
         self._half = [i for i, p in enumerate(self.params) if p.dtype in HALF]
-        self.masters = [p.detach().float().clone() if p.dtype in HALF else p for p in self.params]
-        options = {"fused": True} if fused else {}
-        self.inner = torch.optim.AdamW(self.masters, lr=lr, weight_decay=weight_decay, **options)
+        self._options = dict(lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
+        self._inner, self._masters = None, None
         self._gathered = False
+
+    @property
+    def inner(self) -> torch.optim.AdamW:
+        """The AdamW over the masters, made (with the masters) at first use."""
+        if self._inner is None:
+            self._masters = [p.detach().float().clone() if p.dtype in HALF else p for p in self.params]
+            self._inner = torch.optim.AdamW(self._masters, **self._options)
+        return self._inner
+
+    @property
+    def masters(self) -> list[torch.Tensor]:
+        """fp32 master of each parameter (the parameter itself when it is fp32)."""
+        self.inner
+        return self._masters
 
     @property
     def param_groups(self) -> list[dict]:
@@ -50,22 +64,27 @@ class MasterAdamW:
         return self.inner.state
 
     def master_grads(self) -> list[torch.Tensor]:
-        """The masters holding a gradient this step, after copying the half weights' gradients in."""
+        """The masters holding a gradient this step, after copying the half weights' gradients in
+        (one fp32 buffer per device, dropped after the step)."""
+        inner = self.inner
         if not self._gathered:
-            dst, src = [], []
+            by_device: dict[torch.device, list[int]] = {}
             for i in self._half:
-                p, m = self.params[i], self.masters[i]
-                if p.grad is None:
-                    m.grad = None  # a weight that took no gradient this step is not updated
-                elif m.grad is None:
-                    m.grad = p.grad.detach().float()
-                else:
-                    dst.append(m.grad)
-                    src.append(p.grad.detach())
-            if dst:
-                torch._foreach_copy_(dst, src)
+                self.masters[i].grad = None  # a weight that took no gradient this step is not updated
+                if self.params[i].grad is not None:
+                    by_device.setdefault(self.params[i].device, []).append(i)
+            for device, idx in by_device.items():
+                flat = torch.empty(sum(self.params[i].numel() for i in idx), dtype=torch.float32, device=device)
+                views, start = [], 0
+                for i in idx:
+                    n = self.params[i].numel()
+                    views.append(flat[start:start + n].view(self.params[i].shape))
+                    start += n
+                torch._foreach_copy_(views, [self.params[i].grad.detach() for i in idx])
+                for i, v in zip(idx, views):
+                    self.masters[i].grad = v
             self._gathered = True
-        return [m for m in self.masters if m.grad is not None]
+        return [m for g in inner.param_groups for m in g["params"] if m.grad is not None]
 
     @torch.no_grad()
     def step(self) -> None:
@@ -73,6 +92,8 @@ class MasterAdamW:
         self.inner.step()
         if self._half:
             torch._foreach_copy_([self.params[i] for i in self._half], [self.masters[i] for i in self._half])
+            for i in self._half:
+                self.masters[i].grad = None
         self._gathered = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -86,14 +107,16 @@ class MasterAdamW:
         self._gathered = False
 
     def state_dict(self) -> dict:
-        return {"adamw": self.inner.state_dict(), "masters": [self.masters[i].detach().clone() for i in self._half]}
+        inner = self.inner
+        return {"adamw": inner.state_dict(), "masters": [self.masters[i].detach().clone() for i in self._half]}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         """This class's ``state_dict`` (masters restored, weights rounded from them), or a plain AdamW
         state dict of the same parameters (masters taken from the current weights)."""
+        inner = self.inner
         if "adamw" not in state:
-            self.inner.load_state_dict(state)
+            inner.load_state_dict(state)
             for i in self._half:
                 self.masters[i].copy_(self.params[i])
             return
@@ -101,7 +124,7 @@ class MasterAdamW:
         if len(masters) != len(self._half) or any(
                 tuple(t.shape) != tuple(self.masters[i].shape) for t, i in zip(masters, self._half)):
             raise ValueError("MasterAdamW.load_state_dict: the master weights do not match these parameters")
-        self.inner.load_state_dict(state["adamw"])
+        inner.load_state_dict(state["adamw"])
         for t, i in zip(masters, self._half):
             self.masters[i].copy_(t)
             self.params[i].copy_(self.masters[i])

@@ -268,6 +268,16 @@ def test_graphed_step_matches_the_eager_step(bench, backend_mode):
     graphed.graphs.step = lambda batch, table: tuple(x * 1.1 for x in step(batch, table))
     wrong = graphed.check()
     assert wrong["graph_check"] == "MISMATCH" and abs(wrong["graph_loss_rel_err"] - 0.1) < 1e-3, wrong
+
+    def wrong_gradients(batch, table):  # the right loss, gradients 5% off
+        out = step(batch, table)
+        torch._foreach_mul_(graphed.graphs.grads, 1.05)
+        return out
+
+    graphed.graphs.step = wrong_gradients
+    wrong = graphed.check()
+    assert wrong["graph_check"] == "MISMATCH" and wrong["graph_loss_rel_err"] < 1e-6, wrong
+    assert abs(wrong["graph_grad_rel_err"] - 0.05) < 1e-3, wrong
     with pytest.raises(ValueError, match="packed into buckets"):
         bench.graphs.GraphedSteps(model, plain, ref, 6, capture=False)
     with pytest.raises(ValueError, match="precomputed"):

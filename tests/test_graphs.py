@@ -340,6 +340,57 @@ def test_a_capture_out_of_memory_leaves_that_bucket_eager(monkeypatch):
     assert graphs.eager_steps == 2 and graphs.graphs == {}
 
 
+class _FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+class _OutOfMemoryAtCaptureEnd:
+    """Stands in for ``torch.cuda.graph``: the body runs (eagerly, so the step adds to the gradients as a
+    capture's warm-ups do) and the capture then fails as an allocation inside it would."""
+
+    def __init__(self, graph, stream=None, capture_error_mode=None):
+        self.captured = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated, inside the capture)")
+        return False
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["zeroed", "accumulating"])
+def test_a_failed_capture_restores_the_gradients(monkeypatch, accumulate):
+    """``_capture``'s own bookkeeping when the capture fails after its warm-ups and its body ran (both
+    added to ``.grad``): the gradients are restored, so the eager step that follows gives this batch's
+    gradient (plus, when accumulating, what was there before). CUDA's stream and graph are faked."""
+    import contextlib
+
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", _OutOfMemoryAtCaptureEnd)
+    model = tiny_llama()
+    params = [p for p in model.parameters() if p.requires_grad]
+    a, b, _ = _batches()
+    ref_a, ref_b = _ref(a, seed=0), _ref(b, seed=1)
+    graphs = StepGraphs(_graph_step(model), model.parameters(), capture=False)
+    if accumulate:
+        graphs(a, ref_a)  # eager (capture off for this call): the gradients to accumulate onto
+    want = _eager(model, b, ref_b)[2]
+    if accumulate:
+        want = [w + g for w, g in zip(want, _eager(model, a, ref_a)[2])]
+    graphs.capture = True
+    with pytest.warns(UserWarning, match="ran out of memory"):
+        graphs(b, ref_b, accumulate=accumulate)
+    for p, g in zip(params, want):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    assert graphs.graphs == {} and len(graphs.uncaptured) == 1
+
+
 # ---- the replay itself (CUDA) ----------------------------------------------------------------------
 
 
@@ -407,8 +458,8 @@ def test_full_fine_tuning_replays_a_row_of_over_4096_tokens():
 @pytest.mark.gpu
 def test_graphs_replay_after_another_objects_graphs_are_gone():
     """Two ``StepGraphs`` (the benchmark's and the trainer's in bench_trainer.py): the first one's graphs
-    freed, the second's still replay with the eager gradients (each object captures on its own stream,
-    so no graph holds a cuBLAS workspace another object's graph owned)."""
+    freed, the second's still replay with the eager gradients (each capture has its own stream, so no
+    graph holds a cuBLAS workspace that a destroyed graph's stream owned)."""
     dev = torch.device("cuda")
     model = tiny_llama(lora=True).to(dev)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -21,6 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from harness import commit, cpu_name, package_versions, utc_now  # noqa: E402  (benchmarks/)
 from sdpo_fast import backends
 from sdpo_fast.attention import enable_shared_prefix
+from sdpo_fast.optim import MasterAdamW
 
 from . import graphs, microbatch, shapes
 from .methods import build_methods
@@ -44,7 +45,7 @@ def build_model(cfg: dict, mode: str, args, device):
                                                  target_modules=LORA_TARGETS))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    return model, torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    return model, MasterAdamW(params, lr=1e-5, fused=device.type == "cuda")  # the trainer's optimizer
 
 
 def grad_norm(model) -> float:
@@ -205,16 +206,12 @@ def time_methods(methods, rows, model, opt, groups, k, vocab, ref_kind, lora, ta
 
     capture_mib = {}
     for key in list(alive):
-        graphed = state[key][2] is not None and device.type == "cuda"
-        if graphed:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        _, status = microbatch.attempt(lambda: [run(key) for _ in range(args.warmup)], opt, device)
+        warm, status = microbatch.attempt(lambda: [run(key) for _ in range(args.warmup)], opt, device)
         if status:
             drop(key, status)
-        elif graphed:  # a replay allocates nothing: the activations' peak is the capture's (and its warm-ups')
-            torch.cuda.synchronize(device)
-            capture_mib[key] = torch.cuda.max_memory_allocated(device) / 2**20
+        elif state[key][2] is not None and warm and "mem_mib" in warm[0]:
+            # a replay allocates nothing: the activations' peak is that of the first warm-up step, which captured
+            capture_mib[key] = max(w["mem_mib"] for w in warm)
 
     def wants_more(key):
         spent = sum(s["ms"] for s in steps[key]) / 1e3
@@ -304,7 +301,8 @@ def environment(args, device, methods, notes) -> dict:
         groups_per_step=args.groups_per_step,
         refs=args.refs,
         lora=f"r={args.lora_rank} alpha={2 * args.lora_rank} on {','.join(LORA_TARGETS)}",
-        optimizer="AdamW lr=1e-5" + (" fused" if device.type == "cuda" else ""),
+        optimizer="AdamW lr=1e-5" + (" fused" if device.type == "cuda" else "")
+        + " on fp32 masters of the half-precision weights (sdpo_fast.optim.MasterAdamW, as the trainer)",
         methods={k: m.label for k, m in methods.items()},
         sdpo_fast_backends={op: backends.resolve(op, "auto", device) for op in ("attention", "logprobs", "sdpo_loss")},
         micro_batch=("fixed at most " + str(args.micro_batch) if args.micro_batch else "largest that fits")
