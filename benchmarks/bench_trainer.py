@@ -77,19 +77,11 @@ def parse_args(argv=None):
 
 
 def build(args, device):
-    """The model (bench_step's random init; LoRA through the trainer's ``lora_model``) and its Runtime."""
+    """The model (bench_step's: random init, LoRA through the trainer's ``lora_model``) and its Runtime."""
     from sdpo_fast.runtime import Runtime
 
     base = types.SimpleNamespace(dtype=args.dtype, lora_rank=args.lora_rank)
-    model, _ = sweep.build_model(args.config, "full", base, device)
-    if args.mode == "lora":
-        from peft import LoraConfig
-
-        from sdpo_fast.adapters import lora_model
-
-        model = lora_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
-                                             target_modules=sweep.LORA_TARGETS))
-    model.train()
+    model, _ = sweep.build_model(args.config, args.mode, base, device)
     runtime = Runtime(model, deepspeed_config=None, batch_size=args.groups, max_grad_norm=1.0, weight_decay=0.0,
                       bf16=args.dtype == "bfloat16", device=device)
     return model, runtime

@@ -38,11 +38,13 @@ def build_model(cfg: dict, mode: str, args, device):
         model = LlamaForCausalLM(LlamaConfig(**cfg))
     model.to(getattr(torch, args.dtype))
     enable_shared_prefix(model)
-    if mode == "lora":
-        from peft import LoraConfig, get_peft_model
+    if mode == "lora":  # the trainer's adapters (in the base dtype) for every method: (a) gets the fewer casts too
+        from peft import LoraConfig
 
-        model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
-                                                 target_modules=LORA_TARGETS))
+        from sdpo_fast.adapters import lora_model
+
+        model = lora_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
+                                             target_modules=LORA_TARGETS))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     return model, MasterAdamW(params, lr=1e-5, fused=device.type == "cuda")  # the trainer's optimizer
@@ -300,7 +302,8 @@ def environment(args, device, methods, notes) -> dict:
         ks=args.ks,
         groups_per_step=args.groups_per_step,
         refs=args.refs,
-        lora=f"r={args.lora_rank} alpha={2 * args.lora_rank} on {','.join(LORA_TARGETS)}",
+        lora=f"r={args.lora_rank} alpha={2 * args.lora_rank} on {','.join(LORA_TARGETS)}, adapters in the base dtype "
+        "(sdpo_fast.adapters.lora_model, as the trainer; peft's default is fp32 adapters) for every method",
         optimizer="AdamW lr=1e-5" + (" fused" if device.type == "cuda" else "")
         + " on fp32 masters of the half-precision weights (sdpo_fast.optim.MasterAdamW, as the trainer)",
         methods={k: m.label for k, m in methods.items()},
