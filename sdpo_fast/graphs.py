@@ -103,10 +103,9 @@ class StepGraphs:
                 warnings.warn(f"CUDA graphs: capturing the step of bucket {batch.bucket} ran out of memory; its "
                               f"batches run eagerly ({len(self.graphs)} graphs kept)", stacklevel=2)
         elif entry is not None:
-            for f in dataclasses.fields(batch):
-                src = getattr(batch, f.name)
-                if isinstance(src, torch.Tensor):
-                    getattr(entry.batch, f.name).copy_(src, non_blocking=True)
+            captured = entry.batch.tensors()
+            for name, src in batch.tensors().items():
+                captured[name].copy_(src, non_blocking=True)
             entry.ref.copy_(ref, non_blocking=True)
         if entry is None:
             self.eager_steps += 1
@@ -118,8 +117,7 @@ class StepGraphs:
     def _capture(self, batch: PackedBatch, ref: torch.Tensor, accumulate: bool) -> _Captured:
         # the graph's own inputs: the caller's batch stays the caller's, and no table the attention
         # cached for that object outside the capture can stand in for this batch's
-        batch = dataclasses.replace(batch, **{f.name: getattr(batch, f.name).clone() for f in dataclasses.fields(batch)
-                                              if isinstance(getattr(batch, f.name), torch.Tensor)})
+        batch = batch.clone()
         ref = ref.clone()
         # what this call accumulates onto (the warm-ups add to the gradients); zeros when not accumulating
         saved = [g.clone() for g in self.grads] if accumulate else None

@@ -66,38 +66,39 @@ class MasterAdamW:
     def master_grads(self) -> list[torch.Tensor]:
         """The masters holding a gradient this step, after copying the half weights' gradients in
         (one fp32 buffer per device, dropped after the step)."""
-        inner = self.inner
+        masters, params = self.masters, self.params
         if not self._gathered:
             by_device: dict[torch.device, list[int]] = {}
             for i in self._half:
-                self.masters[i].grad = None  # a weight that took no gradient this step is not updated
-                if self.params[i].grad is not None:
-                    by_device.setdefault(self.params[i].device, []).append(i)
+                masters[i].grad = None  # a weight that took no gradient this step is not updated
+                if params[i].grad is not None:
+                    by_device.setdefault(params[i].device, []).append(i)
             for device, idx in by_device.items():
-                flat = torch.empty(sum(self.params[i].numel() for i in idx), dtype=torch.float32, device=device)
+                flat = torch.empty(sum(params[i].numel() for i in idx), dtype=torch.float32, device=device)
                 views, start = [], 0
                 for i in idx:
-                    n = self.params[i].numel()
-                    views.append(flat[start:start + n].view(self.params[i].shape))
+                    n = params[i].numel()
+                    views.append(flat[start:start + n].view(params[i].shape))
                     start += n
-                torch._foreach_copy_(views, [self.params[i].grad.detach() for i in idx])
+                torch._foreach_copy_(views, [params[i].grad.detach() for i in idx])
                 for i, v in zip(idx, views):
-                    self.masters[i].grad = v
+                    masters[i].grad = v
             self._gathered = True
-        return [m for g in inner.param_groups for m in g["params"] if m.grad is not None]
+        return [m for m in masters if m.grad is not None]
 
     @torch.no_grad()
     def step(self) -> None:
         self.master_grads()
         self.inner.step()
+        masters = self.masters
         if self._half:
-            torch._foreach_copy_([self.params[i] for i in self._half], [self.masters[i] for i in self._half])
+            torch._foreach_copy_([self.params[i] for i in self._half], [masters[i] for i in self._half])
             for i in self._half:
-                self.masters[i].grad = None
+                masters[i].grad = None
         self._gathered = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """The weights' gradients (the masters' fp32 buffers are kept and overwritten next step)."""
+        """The weights' gradients (the masters' fp32 gradients exist only inside a step)."""
         for p in self.params:
             if p.grad is not None:
                 if set_to_none:

@@ -139,21 +139,26 @@ class PackedBatch:
     def device(self) -> torch.device:
         return self.input_ids.device
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensor fields by name (the rest are host-side sizes and tuples)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)}
+
+    def _map(self, fn) -> "PackedBatch":
+        return dataclasses.replace(self, **{name: fn(t) for name, t in self.tensors().items()})
+
     def to(self, device, non_blocking: bool = False) -> "PackedBatch":
         """A copy with every tensor on ``device``."""
-        moved = {
-            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-            for f in dataclasses.fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-        }
-        return dataclasses.replace(self, **moved)
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "PackedBatch":
         """A copy with every tensor in page-locked host memory (what a DataLoader with ``pin_memory=True``
         calls), so that ``to(cuda, non_blocking=True)`` does not wait."""
-        pinned = {f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)
-                  if isinstance(getattr(self, f.name), torch.Tensor)}
-        return dataclasses.replace(self, **pinned)
+        return self._map(torch.Tensor.pin_memory)
+
+    def clone(self) -> "PackedBatch":
+        """A copy with every tensor cloned (a new object: nothing cached for this one applies to it)."""
+        return self._map(torch.Tensor.clone)
 
     def attention_mask(self) -> torch.Tensor:
         """Dense boolean shared-prefix mask ``[R, 1, L, L]`` (True = may attend).

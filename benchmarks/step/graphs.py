@@ -6,13 +6,11 @@ groups); each bucket's step is captured once and every micro-batch of it is repl
 are copied into the captured ones, as the trainer does with new data every step. The loss is the SUM
 over the real groups divided by the step's group count; padding groups add nothing. The reference
 log-probs are precomputed (the benchmark's live reference reads the token ids back to check them).
-The optimizer step stays eager; ``check`` compares a replay with an eager step. CUDA only (``tests/test_bench_step.py`` runs the same bookkeeping
-eagerly on CPU).
+The optimizer step stays eager; ``check`` compares a replay with an eager step. CUDA only
+(``tests/test_bench_step.py`` runs the same bookkeeping eagerly on CPU).
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 
@@ -61,9 +59,7 @@ class GraphedSteps:
         batch, table = self.inputs[0]
         (loss,) = self.graphs(batch, table)
         got_loss, got = loss.float().clone(), [g.float().clone() for g in self.graphs.grads]
-        copy = dataclasses.replace(batch, **{f.name: getattr(batch, f.name).clone() for f in dataclasses.fields(batch)
-                                             if isinstance(getattr(batch, f.name), torch.Tensor)})
-        want_loss, _ = sdpo_fast.candidate_sdpo_loss(self.model, copy, table, beta=1.0, reduction="sum", backend="auto")
+        want_loss, _ = sdpo_fast.candidate_sdpo_loss(self.model, batch.clone(), table, beta=1.0, reduction="sum", backend="auto")
         want = torch.autograd.grad(want_loss / self.n_groups, self.graphs.params)
         loss_err = ((got_loss - want_loss.float()).abs() / want_loss.float().abs().clamp_min(1e-12)).item()
         diff = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g - w.float()) for g, w in zip(got, want)]))
