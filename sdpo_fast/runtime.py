@@ -12,6 +12,7 @@ import json
 import os
 import random
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,6 +42,15 @@ def all_mean_tensor(t: torch.Tensor) -> torch.Tensor:
     t = t.clone()
     torch.distributed.all_reduce(t)
     return t / world_size()
+
+
+def all_max_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise maximum of ``t`` over ranks, on its device (identity in one process)."""
+    if not is_distributed():
+        return t
+    t = t.clone()
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t
 
 
 def all_gather_rows(t: torch.Tensor, n_total: int) -> torch.Tensor:
@@ -108,6 +118,14 @@ class NonFiniteError(ArithmeticError):
     """A non-finite loss or gradient norm; the step was not applied."""
 
 
+class StepResult(NamedTuple):
+    """What ``Runtime.backward_and_step`` read from the device for one optimizer step."""
+
+    loss: float  # nan under DeepSpeed unless watch_loss or stop_signal asked for the read
+    grad_norm: float
+    stop_signal: int | None  # the largest signal number any rank had received; None or 0: none
+
+
 def _fused_adamw_ok(params, device) -> bool:
     """``AdamW(fused=True)``: one kernel per step instead of a loop, when every parameter is a CUDA
     floating tensor (the fused path has no CPU version)."""
@@ -160,8 +178,8 @@ class Runtime:
         self.model.train(mode)
 
     def backward_and_step(self, loss: torch.Tensor, lr: float, watch_loss: bool = False,
-                          grads_ready: bool = False) -> tuple[float, float]:
-        """Backward, clip, optimizer step at learning rate ``lr``; returns ``(loss, gradient norm)`` as
+                          grads_ready: bool = False, stop_signal: int | None = None) -> "StepResult":
+        """Backward, clip, optimizer step at learning rate ``lr``; returns the loss and gradient norm as
         floats, read from the device in ONE host transfer (the step's only sync outside logging).
         ``grads_ready``: the ``.grad`` tensors hold the step's gradients already (a replayed CUDA graph
         ran the backward; not with a DeepSpeed engine), so no backward runs here.
@@ -170,6 +188,11 @@ class Runtime:
         before the step is applied. In one process a non-finite gradient norm skips the optimizer step
         too (the weights stay those of the last good step) and raises ``NonFiniteError``; the DeepSpeed
         engine steps first, so the caller checks the returned norm there.
+
+        ``stop_signal``: the signal this rank has received (``GracefulStop.signum or 0``; every rank
+        passes an int, or every rank None). Under DeepSpeed it rides on the loss flag's all-reduce (a
+        maximum over ranks) and comes back as ``StepResult.stop_signal``, so a graceful stop costs no
+        collective or read of its own; in one process it is returned as given.
         """
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -178,17 +201,18 @@ class Runtime:
             raise ValueError("backward_and_step: grads_ready is for one process without DeepSpeed")
         if self.engine is not None:
             self.engine.backward(loss)
-            if watch_loss:  # every rank learns whether any rank's loss is bad before the engine steps
-                bad = all_mean_tensor((~torch.isfinite(value)).to(torch.float32))
-                loss_value, bad_value = torch.stack([value, bad]).tolist()
-                if bad_value > 0:
+            loss_value = float("nan")
+            if watch_loss or stop_signal is not None:  # every rank learns both before the engine steps
+                flags = torch.stack([(~torch.isfinite(value)).to(torch.float32),
+                                     torch.full((), float(stop_signal or 0), device=value.device)])
+                loss_value, bad, signum = torch.cat([value.reshape(1), all_max_tensor(flags)]).tolist()
+                if watch_loss and bad > 0:
                     raise NonFiniteError(f"loss is {loss_value if not np.isfinite(loss_value) else 'non-finite on another rank'}")
-            else:
-                loss_value = float("nan")
+                stop_signal = int(signum) or None
             self.engine.step()
             norm = self.engine.get_global_grad_norm()
             norm = float("nan") if norm is None else (norm if isinstance(norm, float) else float(norm))
-            return loss_value, norm
+            return StepResult(loss_value, norm, stop_signal)
         if not grads_ready:
             loss.backward()
         norm_t = torch.nn.utils.clip_grad_norm_(self.optimizer.master_grads(), self.max_grad_norm)  # fp32
@@ -201,7 +225,7 @@ class Runtime:
             raise NonFiniteError(f"gradient norm {norm}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, norm
+        return StepResult(loss_value, norm, stop_signal)
 
     def reset_optimizer_state(self) -> None:
         """Fresh Adam moments for a new stage (as if S-DPO were a new run from the SFT weights)."""

@@ -1,8 +1,11 @@
 """A graceful stop on SIGINT / SIGTERM (what a cluster sends before preempting a job).
 
 ``GracefulStop`` records the first signal instead of dying; the training loop asks ``requested()``
-after each optimizer step, writes a checkpoint and raises ``Stopped``. A second signal restores the
-default behaviour and stops at once (``KeyboardInterrupt``).
+after each optimizer step, writes a checkpoint and raises ``Stopped``. A SIGINT after that (Ctrl-C
+again) restores the default behaviour and stops at once (``KeyboardInterrupt``). A repeated SIGTERM
+does not: launchers forward the signal their process group already got (Ctrl-C or Slurm reach every
+process; the ``deepspeed`` launcher and ``torchrun`` then terminate their ranks), so each rank sees it
+twice, and the sender's SIGKILL is the hard stop.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import threading
 
 import torch
 
-__all__ = ["GracefulStop", "Stopped"]
+__all__ = ["GracefulStop", "Stopped", "ignore_in_worker"]
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -50,21 +53,40 @@ class GracefulStop:
         return False
 
     def _handle(self, signum, frame):
-        if self.signum is not None:  # second signal: stop now
-            self.__exit__()
-            raise KeyboardInterrupt
+        if self.signum is not None:
+            if signum == signal.SIGINT:  # Ctrl-C again: stop now
+                self.__exit__()
+                raise KeyboardInterrupt
+            return  # a forwarded copy (see the module docstring)
         self.signum = signum
         print(f"\nreceived {signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
+              "(Ctrl-C again stops at once)", file=sys.stderr, flush=True)
 
-    def requested(self) -> int | None:
-        """The signal received by this process or, under torch.distributed, by any rank (a collective:
-        every rank calls it after every step)."""
+    def requested(self, agreed: int | None = None) -> int | None:
+        """The signal received by this process or, under torch.distributed, by any rank.
+
+        ``agreed``: under torch.distributed, the ranks' maximum of ``signum`` already read with the
+        step (``Runtime.backward_and_step(stop_signal=...)``), so no collective runs here; without it
+        this is a collective, which every rank must call at the same point. In one process ``agreed``
+        is ignored: a signal that arrived after the step's read still counts.
+        """
         signum = self.signum or 0
         if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if agreed is not None:
+                return agreed or None
             t = torch.tensor([signum], dtype=torch.int64)
             if torch.distributed.get_backend() == "nccl":
                 t = t.cuda()
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
             signum = int(t.item())
         return signum or None
+
+
+def ignore_in_worker(worker_id: int | None = None) -> None:
+    """``worker_init_fn`` of the DataLoader workers: they ignore SIGINT and SIGTERM, which a terminal,
+    Slurm or the ``deepspeed`` launcher sends to every process of the job; the training process
+    finishes its step, writes the checkpoint and shuts them down. (A forked worker would otherwise run
+    the inherited ``GracefulStop`` handler and print the notice again; a spawned one would die, and
+    the training process with it, before the checkpoint.)"""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

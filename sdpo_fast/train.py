@@ -47,7 +47,7 @@ from .runtime import (
     NonFiniteError, Runtime, Schedule, all_gather_objects, all_gather_rows, all_mean_tensor, barrier, rank,
     seed_everything, world_size,
 )
-from .stopping import GracefulStop, Stopped
+from .stopping import GracefulStop, Stopped, ignore_in_worker
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -251,6 +251,7 @@ def step_loader(dataset: StepBatches, start_step: int, total: int, num_workers: 
         dataset, batch_size=None, sampler=range(start_step, total), num_workers=num_workers,
         collate_fn=_as_is, pin_memory=device.type == "cuda", prefetch_factor=2 if num_workers else None,
         generator=torch.Generator().manual_seed(0),  # the loader's seed draw leaves the global RNG alone
+        worker_init_fn=ignore_in_worker,
     )
 
 
@@ -280,8 +281,9 @@ def run_stage(stage, runtime, tokenizer, train_ds, data_args, train_args, log, s
     written (``on_save``) and ``Stopped`` raised.
 
     Host syncs: one per optimizer step (the loss and gradient norm, read together, which also stops
-    the run at a non-finite value before the step is applied) plus one per logging step (the metrics,
-    summed on the device over the interval). The batch arrives pinned and is copied asynchronously.
+    the run at a non-finite value before the step is applied; under DeepSpeed the ranks' stop signal
+    rides on the same all-reduce) plus one per logging step (the metrics, summed on the device over
+    the interval). The batch arrives pinned and is copied asynchronously.
     """
     from .adapters import AdapterSwitch
     from .data import SDPOCollator
@@ -370,6 +372,7 @@ def run_stage(stage, runtime, tokenizer, train_ds, data_args, train_args, log, s
                 ref = ref.to(device, non_blocking=True)
             lr_now = schedule(step)
             where = f"{stage} step {step + 1}"
+            pending = (stop.signum or 0) if stop is not None else None
             try:
                 if graphs is not None:
                     if window is not None and packed.max_span > window:  # a replay skips the packed call's check
@@ -377,12 +380,14 @@ def run_stage(stage, runtime, tokenizer, train_ds, data_args, train_args, log, s
                                                   f"sliding window of {window}")
                     loss, now = graphs(packed, ref if ref is not None else torch.zeros(packed.candidate_mask.shape,
                                                                                          device=device))
-                    _, grad_norm = runtime.backward_and_step(loss, lr_now, watch_loss=True, grads_ready=True)
+                    stepped = runtime.backward_and_step(loss, lr_now, watch_loss=True, grads_ready=True,
+                                                     stop_signal=pending)
                 else:
                     loss, now = forward(packed, ref)
-                    _, grad_norm = runtime.backward_and_step(loss, lr_now, watch_loss=True)
+                    stepped = runtime.backward_and_step(loss, lr_now, watch_loss=True, stop_signal=pending)
             except NonFiniteError as exc:  # every rank stops together: the loss flag was all-reduced
                 raise NonFiniteError(f"the {exc} at {where}") from None
+            grad_norm = stepped.grad_norm
             if not math.isfinite(grad_norm):  # the DeepSpeed engine has stepped already
                 raise NonFiniteError(f"the gradient norm is {grad_norm} at {where}")
             sums = now.clone() if sums is None else sums + now  # a replayed graph's `now` is overwritten next step
@@ -401,7 +406,7 @@ def run_stage(stage, runtime, tokenizer, train_ds, data_args, train_args, log, s
                 bar.set_postfix(shown, refresh=False)
                 sums, count, tokens, t_log = None, 0, 0, time.perf_counter()
             bar.update(1)
-            signum = stop.requested() if stop is not None else None
+            signum = stop.requested(agreed=stepped.stop_signal) if stop is not None else None
             periodic = train_args.save_steps and (step + 1) % train_args.save_steps == 0 and step + 1 < total
             if on_save is not None and (periodic or signum):
                 path = on_save(stage, step + 1)

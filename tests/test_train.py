@@ -220,27 +220,31 @@ def test_signal_stops_with_a_checkpoint_and_resume_is_exact(tmp_path, capsys, mo
 
 @pytest.mark.slow
 def test_sigterm_from_another_process_then_resume(tmp_path):
-    """A real ``python train.py`` process receives SIGTERM from outside while training: it exits with
-    143 after writing a checkpoint; a second process resumes with ``latest`` and the run's
-    metrics.jsonl has each step once, with the uninterrupted run's losses."""
+    """A real ``python train.py`` process with two DataLoader workers receives SIGTERM from outside
+    while training, sent to its whole process group as a terminal, Slurm and the ``deepspeed``
+    launcher send it: it prints the notice once (the workers leave the signal to it) and exits with
+    143 after writing a checkpoint; a second process, collating on its own thread, resumes with
+    ``latest`` and the run's metrics.jsonl has each step once, with the uninterrupted run's losses."""
     import time
 
     train_in_process(RESUME, tmp_path / "a")
     full = metrics(tmp_path / "a")
     out = tmp_path / "b"
-    cmd = [sys.executable, str(ROOT / "train.py"), "--output_dir", str(out)] + TINY + RESUME
+    cmd = [sys.executable, str(ROOT / "train.py"), "--output_dir", str(out)] + TINY + RESUME + ["--dataloader_num_workers", "2"]
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     log, deadline = out / "metrics.jsonl", time.monotonic() + 300
     while not (log.exists() and len(log.read_text().splitlines()) >= 2):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    lines = err.replace("\r", "\n").strip().splitlines()
     assert re.fullmatch(r"stopped by SIGTERM after (sft|sdpo) step \d+: checkpoint \S+ written; resume with the same "
-                        r"flags and --resume_from_checkpoint \S+ \(or latest\)", last), last
+                        r"flags and --resume_from_checkpoint \S+ \(or latest\)", lines[-1]), lines[-1]
+    assert sum(line.startswith("received SIGTERM") for line in lines) == 1, err[-3000:]
     run_train(RESUME + ["--resume_from_checkpoint", "latest"], out)
     resumed = metrics(out)
     assert [(m["stage"], m["step"]) for m in resumed] == [(m["stage"], m["step"]) for m in full]
@@ -324,6 +328,75 @@ def test_deepspeed_zero3_two_ranks_match_one_process(tmp_path, lora):
     again = evaluate_ranking(model, tok, test, max_prompt_tokens=512, seed=0, progress=False)
     for k in ("hr@1", "ndcg@5", "mrr"):
         assert again[k] == pytest.approx(logged[k], abs=1e-6), k
+
+
+def _rank_pid(launcher_pid: int, local_rank: int) -> int:
+    """The pid of the ``deepspeed`` launcher's rank ``local_rank`` (its command line names it)."""
+    import psutil
+
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            if f"--local_rank={local_rank}" in child.cmdline() and "train.py" in " ".join(child.cmdline()):
+                return child.pid
+        except psutil.NoSuchProcess:
+            continue
+    raise AssertionError(f"no rank {local_rank} under the launcher {launcher_pid}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["group", "rank1"])
+def test_deepspeed_sigterm_stops_both_ranks_at_one_step(tmp_path, target):
+    """Two ZeRO-3 ranks under the ``deepspeed`` launcher get SIGTERM while training. ``group``: to the
+    launcher's whole process group, as Ctrl-C and Slurm send it; the launcher then terminates each rank
+    again, and that forwarded copy must not turn the stop into an immediate one. ``rank1``: to rank 1
+    only; rank 0 learns it on the step's all-reduce. Either way both ranks finish the same step and
+    write its checkpoint together (a collective: ranks stopping at different steps would hang there
+    until a SIGKILL, leaving no checkpoint). ``group`` then resumes with the launcher and ``latest``:
+    each step once, with the losses of an uninterrupted one-process run."""
+    import time
+
+    pytest.importorskip("deepspeed")
+    from sdpo_fast import checkpoint
+
+    common = ["--stage", "sdpo", "--max_train_examples", "64", "--sdpo_epochs", "10", "--max_steps", "16",
+              "--num_negatives", "3", "--eval", "none"]
+    out = tmp_path / "multi"
+    if target == "group":
+        run_train(common + ["--batch_size", "8"], tmp_path / "single")
+        shutil.copytree(tmp_path / "single" / "tokenizer", out / "tokenizer")
+    common += ["--batch_size", "4", "--deepspeed", str(ROOT / "configs" / "zero3.json")]
+    launcher = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port())]
+    cmd = launcher + [str(ROOT / "train.py"), "--output_dir", str(out), "--overwrite_output_dir"] + TINY + common
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, deadline = out / "metrics.jsonl", time.monotonic() + 600
+        while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-5000:]
+            time.sleep(0.05)
+        if target == "group":
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)
+        text = proc.communicate(timeout=300)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    stopped = re.findall(r"stopped by SIGTERM after sdpo step (\d+): checkpoint (\S+) written", text)
+    assert len(stopped) == 1, text[-5000:]  # rank 0 prints it
+    assert "KeyboardInterrupt" not in text and "Traceback" not in text, text[-5000:]
+    step = int(stopped[0][0])
+    assert 2 <= step < 16
+    assert stopped[0][1] == str(out / f"checkpoint-sdpo-{step}")
+    assert checkpoint.latest(str(out)) == stopped[0][1]  # complete: manifest, files and sizes
+    assert [m["step"] for m in metrics(out)] == list(range(1, step + 1))
+    if target == "group":
+        run_train(common + ["--resume_from_checkpoint", "latest"], out, launcher)
+        resumed, full = metrics(out), metrics(tmp_path / "single")
+        assert [m["step"] for m in resumed] == [m["step"] for m in full]
+        for got, want in zip(resumed, full):
+            assert got["loss"] == pytest.approx(want["loss"], rel=1e-4), (got["step"], got["loss"], want["loss"])
 
 
 def _reload(out, lora):
