@@ -1,11 +1,12 @@
 """A graceful stop on SIGINT / SIGTERM (what a cluster sends before preempting a job).
 
 ``GracefulStop`` records the first signal instead of dying; the training loop asks ``requested()``
-after each optimizer step, writes a checkpoint and raises ``Stopped``. A SIGINT after that (Ctrl-C
-again) restores the default behaviour and stops at once (``KeyboardInterrupt``). A repeated SIGTERM
-does not: launchers forward the signal their process group already got (Ctrl-C or Slurm reach every
-process; the ``deepspeed`` launcher and ``torchrun`` then terminate their ranks), so each rank sees it
-twice, and the sender's SIGKILL is the hard stop.
+after each optimizer step, writes a checkpoint and raises ``Stopped``. A SIGINT more than
+``FORWARD_WINDOW_S`` after the first signal (Ctrl-C again) restores the default behaviour and stops
+at once (``KeyboardInterrupt``); any other repeat is absorbed. Launchers forward the signal that
+their process group already got: Ctrl-C and Slurm reach every process, then ``torchrun`` sends its
+ranks the same signal and the ``deepspeed`` launcher a SIGTERM, so each rank sees it twice within
+milliseconds. The sender's SIGKILL stays the hard stop.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 
 import torch
 
 __all__ = ["GracefulStop", "Stopped", "ignore_in_worker"]
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+FORWARD_WINDOW_S = 2.0  # a repeat this soon after the first signal is a launcher's copy, not a second Ctrl-C
 
 
 class Stopped(Exception):
@@ -38,6 +41,7 @@ class GracefulStop:
 
     def __init__(self):
         self.signum: int | None = None
+        self._first_at = 0.0
         self._previous = {}
 
     def __enter__(self):
@@ -54,13 +58,13 @@ class GracefulStop:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            if signum == signal.SIGINT:  # Ctrl-C again: stop now
-                self.__exit__()
+            if signum == signal.SIGINT and time.monotonic() - self._first_at > FORWARD_WINDOW_S:
+                self.__exit__()  # Ctrl-C again: stop now
                 raise KeyboardInterrupt
             return  # a forwarded copy (see the module docstring)
-        self.signum = signum
+        self.signum, self._first_at = signum, time.monotonic()
         print(f"\nreceived {signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
-              "(Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+              f"(Ctrl-C again, after {FORWARD_WINDOW_S:g} s, stops at once)", file=sys.stderr, flush=True)
 
     def requested(self, agreed: int | None = None) -> int | None:
         """The signal received by this process or, under torch.distributed, by any rank.

@@ -93,13 +93,20 @@ def test_a_repeated_sigterm_is_absorbed(capsys):
 
 
 @pytest.mark.parametrize("first", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
-def test_ctrl_c_after_a_signal_stops_at_once(first):
-    """After the first signal, SIGINT (Ctrl-C again) raises ``KeyboardInterrupt`` and restores the
-    previous handlers."""
+def test_ctrl_c_soon_after_a_signal_is_absorbed_later_it_stops_at_once(first, monkeypatch):
+    """A SIGINT within the forwarding window of the first signal (``torchrun`` forwarding Ctrl-C's
+    SIGINT to ranks the group signal reached) is absorbed; one after the window raises
+    ``KeyboardInterrupt`` and restores the previous handlers."""
+    from sdpo_fast import stopping
+
+    monkeypatch.setattr(stopping, "FORWARD_WINDOW_S", 0.3)
     before = [signal.getsignal(s) for s in SIGNALS]
     with pytest.raises(KeyboardInterrupt):
-        with GracefulStop():
+        with GracefulStop() as stop:
             _deliver(first)
+            _deliver(signal.SIGINT)  # ~0.1 s later: a copy
+            assert stop.signum == first
+            time.sleep(0.3)
             _deliver(signal.SIGINT)
-            raise AssertionError("the second signal did not stop the run")
+            raise AssertionError("Ctrl-C after the window did not stop the run")
     assert [signal.getsignal(s) for s in SIGNALS] == before
