@@ -35,22 +35,21 @@ def world_size() -> int:
     return torch.distributed.get_world_size() if is_distributed() else 1
 
 
+def _all_reduced(t: torch.Tensor, op) -> torch.Tensor:
+    """``t`` reduced over ranks with ``op`` into a new tensor on its device (no host sync on CUDA)."""
+    t = t.clone()
+    torch.distributed.all_reduce(t, op=op)
+    return t
+
+
 def all_mean_tensor(t: torch.Tensor) -> torch.Tensor:
     """Mean of ``t`` over ranks, on its device (identity in one process; no host sync on CUDA)."""
-    if not is_distributed():
-        return t
-    t = t.clone()
-    torch.distributed.all_reduce(t)
-    return t / world_size()
+    return _all_reduced(t, torch.distributed.ReduceOp.SUM) / world_size() if is_distributed() else t
 
 
 def all_max_tensor(t: torch.Tensor) -> torch.Tensor:
     """Elementwise maximum of ``t`` over ranks, on its device (identity in one process)."""
-    if not is_distributed():
-        return t
-    t = t.clone()
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t
+    return _all_reduced(t, torch.distributed.ReduceOp.MAX) if is_distributed() else t
 
 
 def all_gather_rows(t: torch.Tensor, n_total: int) -> torch.Tensor:

@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from .runtime import all_max_tensor, is_distributed
+
 __all__ = ["GracefulStop", "Stopped", "ignore_in_worker"]
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -75,14 +77,11 @@ class GracefulStop:
         is ignored: a signal that arrived after the step's read still counts.
         """
         signum = self.signum or 0
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if is_distributed():
             if agreed is not None:
                 return agreed or None
-            t = torch.tensor([signum], dtype=torch.int64)
-            if torch.distributed.get_backend() == "nccl":
-                t = t.cuda()
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            signum = int(t.item())
+            device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+            signum = int(all_max_tensor(torch.tensor([signum], dtype=torch.int64, device=device)).item())
         return signum or None
 
 

@@ -36,13 +36,33 @@ def train_in_process(args, out):
         raise AssertionError(f"train.main exited with {exc.code}") from exc
 
 
+def _train_env():
+    return dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+
+
 def run_train(args, out, launcher=None, timeout=900):
     cmd = (launcher or [sys.executable]) + [str(ROOT / "train.py"), "--output_dir", str(out)] + TINY + args
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=_train_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def start_train(cmd, stderr):
+    """A training process in a session of its own (so a test can signal its whole group)."""
+    return subprocess.Popen(cmd, cwd=ROOT, env=_train_env(), stdout=subprocess.PIPE, stderr=stderr, text=True,
+                            start_new_session=True)
+
+
+def wait_for_rows(proc, out, n: int, timeout: float) -> None:
+    """Wait until ``out/metrics.jsonl`` has ``n`` rows, failing with the output if ``proc`` ends first."""
+    import time
+
+    log, deadline = Path(out) / "metrics.jsonl", time.monotonic() + timeout
+    while not (log.exists() and len(log.read_text().splitlines()) >= n):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError("".join(part or "" for part in proc.communicate())[-5000:])
+        time.sleep(0.05)
 
 
 def _free_port() -> int:
@@ -225,19 +245,12 @@ def test_sigterm_from_another_process_then_resume(tmp_path):
     launcher send it: it prints the notice once (the workers leave the signal to it) and exits with
     143 after writing a checkpoint; a second process, collating on its own thread, resumes with
     ``latest`` and the run's metrics.jsonl has each step once, with the uninterrupted run's losses."""
-    import time
-
     train_in_process(RESUME, tmp_path / "a")
     full = metrics(tmp_path / "a")
     out = tmp_path / "b"
     cmd = [sys.executable, str(ROOT / "train.py"), "--output_dir", str(out)] + TINY + RESUME + ["--dataloader_num_workers", "2"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    log, deadline = out / "metrics.jsonl", time.monotonic() + 300
-    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
+    proc = start_train(cmd, stderr=subprocess.PIPE)
+    wait_for_rows(proc, out, 2, timeout=300)
     os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
@@ -353,8 +366,6 @@ def test_deepspeed_sigterm_stops_both_ranks_at_one_step(tmp_path, target):
     write its checkpoint together (a collective: ranks stopping at different steps would hang there
     until a SIGKILL, leaving no checkpoint). ``group`` then resumes with the launcher and ``latest``:
     each step once, with the losses of an uninterrupted one-process run."""
-    import time
-
     pytest.importorskip("deepspeed")
     from sdpo_fast import checkpoint
 
@@ -367,14 +378,9 @@ def test_deepspeed_sigterm_stops_both_ranks_at_one_step(tmp_path, target):
     common += ["--batch_size", "4", "--deepspeed", str(ROOT / "configs" / "zero3.json")]
     launcher = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port())]
     cmd = launcher + [str(ROOT / "train.py"), "--output_dir", str(out), "--overwrite_output_dir"] + TINY + common
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = start_train(cmd, stderr=subprocess.STDOUT)
     try:
-        log, deadline = out / "metrics.jsonl", time.monotonic() + 600
-        while not (log.exists() and len(log.read_text().splitlines()) >= 2):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-5000:]
-            time.sleep(0.05)
+        wait_for_rows(proc, out, 2, timeout=600)
         if target == "group":
             os.killpg(proc.pid, signal.SIGTERM)
         else:
