@@ -150,3 +150,142 @@ def test_a_bf16_lora_run_resumes_exactly_with_its_masters(tmp_path, one_thread, 
     assert train_mod.main(["--output_dir", str(tmp_path / "b"), *common,
                            "--resume_from_checkpoint", str(tmp_path / "a" / "checkpoint-sdpo-1")]) == 0
     assert losses(tmp_path / "b") == losses(tmp_path / "a") and len(losses(tmp_path / "a")) == 3
+
+
+# ---------------------------------------------------------------- stochastic rounding, no masters
+
+from sdpo_fast.optim import StochasticRoundingAdamW, round_stochastic_  # noqa: E402
+
+
+def _bf16_neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp64 values of the bf16 numbers on either side of each float32 in ``x``: toward zero and away
+    from it (equal where ``x`` is a bf16 number), from the fp64 value and the bf16 spacing at it."""
+    v = x.double()
+    spacing = torch.exp2(torch.floor(torch.log2(v.abs().clamp_min(1e-30))) - 7)
+    toward = torch.trunc(v / spacing) * spacing
+    away = torch.where(toward == v, toward, toward + torch.sign(v) * spacing)
+    return toward, away
+
+
+def test_round_stochastic_lands_on_a_neighbour_with_the_unbiased_probability():
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(40, generator=g) * torch.logspace(-6, 3, 40).float(),
+                   torch.tensor([0.0, 1.0, -2.5, 1.0 + 2**-9, -(1.0 + 3 * 2**-10)])])
+    reps = 4000
+    drawn = round_stochastic_(x.repeat(reps, 1).clone(), torch.Generator().manual_seed(0)).double()
+    toward, away = _bf16_neighbours(x)
+    assert bool(((drawn == toward) | (drawn == away)).all())
+    assert torch.equal(drawn.to(torch.bfloat16).double(), drawn)  # exactly representable in bf16
+    exact = toward == away
+    assert bool((drawn[:, exact] == toward[exact]).all())  # bf16 values (0 included) do not move
+    p = ((x.double() - toward) / (away - toward)).where(~exact, torch.zeros(()).double())
+    frac_away = (drawn == away).double().mean(0)
+    sigma = (p * (1 - p) / reps).sqrt().clamp_min(1e-3)
+    assert bool(((frac_away - p).abs()[~exact] < 5 * sigma[~exact]).all()), (frac_away - p).abs().max()
+    with pytest.raises(TypeError, match="float32"):
+        round_stochastic_(torch.zeros(3, dtype=torch.bfloat16))
+
+
+def test_stochastic_rounding_adamw_is_fp64_adamw_in_expectation():
+    """4000 replicas of a bf16 LoRA-like weight, each given the same gradients: the replicas' mean
+    follows the fp64 AdamW within a small fraction of a bf16 unit, where plain bf16 AdamW (the
+    negative control) stays units away; the fp32 moments are the fp64 ones to fp32 rounding."""
+    reps, lr = 4000, LR
+    w0 = _weights()[0].detach()[:, :64].clone()
+    params = [torch.nn.Parameter(w0.expand(reps, *w0.shape).clone())]
+    ref = [torch.nn.Parameter(w0.double().clone())]
+    plain = [torch.nn.Parameter(w0.clone())]
+    opt = StochasticRoundingAdamW(params, lr=lr, weight_decay=WD, seed=0)
+    opt_ref = torch.optim.AdamW(ref, lr=lr, weight_decay=WD)
+    opt_plain = torch.optim.AdamW(plain, lr=lr, weight_decay=WD)
+    for step in range(STEPS):
+        grad = _grads(step)[0][:, :64].clone()
+        params[0].grad = grad.expand(reps, *grad.shape).clone()
+        ref[0].grad = grad.double()
+        plain[0].grad = grad.clone()
+        for o in (opt, opt_ref, opt_plain):
+            o.step()
+        opt.zero_grad()
+    assert params[0].dtype == torch.bfloat16 and params[0].grad is None
+    st, st_ref = opt.state[params[0]], opt_ref.state[ref[0]]
+    assert st["step"] == STEPS and st["exp_avg"].dtype == torch.float32
+    for key in ("exp_avg", "exp_avg_sq"):  # fp32 accumulation: a few units of fp32 rounding at the sums' scale
+        scale = st_ref[key].abs().max().item()
+        torch.testing.assert_close(st[key][0].double(), st_ref[key], rtol=0, atol=4 * 2**-24 * scale)
+    # the bf16 spacing along the way: at the larger of the start and the end (a weight passing near 0
+    # is rounded at the coarser spacings of its path)
+    biggest = torch.maximum(ref[0].detach().abs(), w0.double().abs())
+    ulp = torch.exp2(torch.floor(torch.log2(biggest.clamp_min(1e-30))) - 7)
+    err_mean = ((params[0].detach().double().mean(0) - ref[0].detach()).abs() / ulp).max().item()
+    err_plain = ((plain[0].detach().double() - ref[0].detach()).abs() / ulp).max().item()
+    assert err_mean < 0.15 and err_plain > 1.0, (err_mean, err_plain)
+    # every replica moved, not just in expectation: the spread is that of the rounding noise
+    spread = (params[0].detach().double().std(0) / ulp).max().item()
+    assert 0 < spread < 2.5, spread
+
+
+def test_fp32_parameters_get_torch_adamw_exactly_and_chunks_change_no_moment():
+    g = torch.Generator().manual_seed(5)
+    start = [torch.randn(29, 11, generator=g).to(torch.bfloat16), torch.randn(101, generator=g), torch.randn(3, generator=g)]
+    grads = [[torch.randn(t.shape, generator=g).to(t.dtype) for t in start] for _ in range(4)]
+    runs = {}
+    for chunk in (1 << 24, 7):  # 7: every parameter split into slices, slices of several batched together
+        ps = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = StochasticRoundingAdamW(ps, lr=1e-2, weight_decay=0.1, seed=1, chunk=chunk)
+        for step, gs in enumerate(grads):
+            ps[0].grad, ps[1].grad = gs[0].clone(), gs[1].clone()
+            ps[2].grad = None  # never a gradient: never updated, no state
+            opt.step()
+            opt.zero_grad()
+        runs[chunk] = (ps, opt)
+    ref = torch.nn.Parameter(start[1].clone())
+    opt_ref = torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.1)
+    for gs in grads:
+        ref.grad = gs[1].clone()
+        opt_ref.step()
+    for ps, opt in runs.values():
+        assert torch.equal(ps[1].detach(), ref.detach())
+        assert torch.equal(ps[2].detach(), start[2]) and ps[2] not in opt.state
+    (a, opt_a), (b, opt_b) = runs.values()
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(opt_a.state[a[0]][key], opt_b.state[b[0]][key])
+    assert not torch.equal(a[0].detach(), start[0])
+
+
+def test_stochastic_rounding_state_round_trip_continues_bit_for_bit_and_bad_input_is_refused():
+    a, b = _weights(), _weights()
+    opt_a = StochasticRoundingAdamW(a, lr=LR, weight_decay=WD, seed=7)
+    for step in range(3):
+        for p, g in zip(a, _grads(step)):
+            p.grad = g
+        opt_a.step()
+        opt_a.zero_grad()
+    buf = io.BytesIO()
+    torch.save(opt_a.state_dict(), buf)
+    buf.seek(0)
+    opt_b = StochasticRoundingAdamW(b, lr=LR, weight_decay=WD, seed=0)  # the seed comes from the state
+    with torch.no_grad():
+        for pb, pa in zip(b, a):
+            pb.copy_(pa)
+    opt_b.load_state_dict(torch.load(buf, weights_only=True))
+    for step in range(3, 8):
+        for opt, ps in ((opt_a, a), (opt_b, b)):
+            for p, g in zip(ps, _grads(step)):
+                p.grad = g
+            opt.step()
+            opt.zero_grad()
+    for pa, pb in zip(a, b):
+        assert torch.equal(pa.detach(), pb.detach())
+    # memory: two fp32 moments per parameter, no fp32 copy of the bf16 weight
+    assert all(set(st) == {"step", "exp_avg", "exp_avg_sq"} for st in opt_b.state.values())
+    assert sum(t.numel() * t.element_size() for st in opt_b.state.values() for t in st.values()
+               if torch.is_tensor(t)) == 8 * sum(p.numel() for p in b)
+    with pytest.raises(ValueError, match="not a StochasticRoundingAdamW state"):
+        opt_b.load_state_dict(MasterAdamW(_weights(), lr=LR).state_dict())
+    other = StochasticRoundingAdamW([torch.nn.Parameter(torch.zeros(8, 300, dtype=torch.bfloat16))], lr=LR)
+    with pytest.raises(ValueError, match="do not match"):
+        other.load_state_dict(opt_b.state_dict())
+    with pytest.raises(ValueError, match="bfloat16 or float32, got torch.float16"):
+        StochasticRoundingAdamW([torch.nn.Parameter(torch.zeros(2, dtype=torch.float16))])
+    with pytest.raises(ValueError, match="no parameters"):
+        StochasticRoundingAdamW([])
