@@ -11,7 +11,8 @@
 # optimizer step, every method at its largest micro-batch): Llama-3.2-1B LoRA P=1024 K=15; the
 # paper's shape on Llama-2-7B LoRA, K = 1, 3, 15; the same 1B cell with full fine-tuning and a live
 # reference; a one-group 1B LoRA step with and without CUDA graphs; the trainer against the benchmark's
-# step (bench_trainer.py) at the 1B LoRA cell and, with CUDA graphs, at one group; all: kernels + step.
+# step (bench_trainer.py) at the 1B LoRA cell and, with CUDA graphs, at one group; then, with what is
+# left, bench_optim.py (--weight_update's memory and time, 1B shapes); all: kernels + step.
 # DRY_RUN=1 runs every realistic cell on the CPU with tiny configs (checks the script, not the GPU).
 #
 # Wheels: copy /work/shared/wheels-gpu to ./wheels-gpu (git-ignored) before sending the tree over, plus
@@ -153,6 +154,11 @@ if [ "$PARTS" = realistic ]; then
         step pytest_trainer 90 "$PY" -m pytest -q -m gpu tests/test_train_graphs.py -p no:cacheprovider \
             --junitxml="$OUT/pytest_trainer.xml"
     fi
+    # then, if time is left: --weight_update's memory and step time (fp32 masters, stochastic rounding,
+    # bf16 AdamW) over Llama-3.2-1B's parameter shapes
+    if [ "${DRY_RUN:-0}" = 1 ]; then OPT="--device cpu --shapes tiny"; else OPT="--device cuda --shapes llama-1b"; fi
+    # shellcheck disable=SC2086
+    step bench_optim $(( 45 * M )) "$PY" benchmarks/bench_optim.py $OPT --rounds 1 --steps 4 --out "$OUT/bench_optim"
 fi
 if [ "$PARTS" = step ] || [ "$PARTS" = all ]; then
     # shellcheck disable=SC2086

@@ -213,6 +213,8 @@ def run_signature(model_args, data_args, train_args, *, bf16, world_size, train_
             sig[f"--{name}"] = getattr(args, name)
     sig["world size"] = world_size
     sig["bf16"] = bool(bf16)
+    if train_args.weight_update != "fp32_masters":  # absent at the default: older checkpoints stay resumable
+        sig["--weight_update"] = train_args.weight_update
     sig["tokenized training data"] = fingerprint.features(train_ds)
     sig["starting model weights"] = base_weights
     return sig

@@ -23,6 +23,7 @@ from .errors import UserError
 from .kernels.options import OPS
 from .kernels.options import resolve as resolve_options
 from .loss import LOSS_TYPES
+from .optim import WEIGHT_UPDATES
 
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -116,6 +117,11 @@ class TrainArguments:
     deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config (see configs/)"})
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
     bf16: bool | None = field(default=None, metadata={"help": "default: on for CUDA, off on CPU"})
+    weight_update: str = field(
+        default="fp32_masters",
+        metadata={"help": "without --deepspeed, how AdamW updates reach bf16 weights: fp32_masters (an fp32 copy of "
+                          "each, 16 B/param) | stochastic_rounding (no copy, unbiased rounding, 12 B/param; README)"},
+    )
     save_steps: int = field(default=0, metadata={"help": "checkpoint every N optimizer steps (0: end of stage only)"})
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "a checkpoint-* folder, or 'latest' (the newest complete one in --output_dir)"}
@@ -352,6 +358,11 @@ def validate(model_args: ModelArguments, data_args: DataArguments, train_args: T
                         "restores the RNG state inside the captured step; untested on a GPU)")
     if train_args.cuda_graphs and train_args.backend not in ("auto", "cublas", "triton"):
         problems.append(f"--cuda_graphs needs --backend auto, cublas or triton (the CUDA kernels), got {train_args.backend!r}")
+    if train_args.weight_update not in WEIGHT_UPDATES:
+        problems.append(f"--weight_update must be one of {', '.join(WEIGHT_UPDATES)}, got {train_args.weight_update!r}")
+    elif train_args.weight_update != "fp32_masters" and train_args.deepspeed is not None:
+        problems.append("--weight_update stochastic_rounding is for one process without --deepspeed (DeepSpeed's bf16 "
+                        "mode keeps its own fp32 masters; ZeRO-3 shards them over the ranks)")
     if train_args.deepspeed is not None and not os.path.isfile(train_args.deepspeed):
         problems.append(f"--deepspeed: no such file {train_args.deepspeed}")
     if data_args.dataset != "synthetic":

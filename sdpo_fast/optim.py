@@ -30,7 +30,7 @@ import math
 
 import torch
 
-__all__ = ["MasterAdamW", "StochasticRoundingAdamW", "round_stochastic_"]
+__all__ = ["MasterAdamW", "StochasticRoundingAdamW", "round_stochastic_", "WEIGHT_UPDATES", "make_optimizer"]
 
 HALF = (torch.bfloat16, torch.float16)
 
@@ -307,3 +307,17 @@ class StochasticRoundingAdamW:
         self._generators = {}
         for name, gen_state in saved["generators"].items():
             self._generator(torch.device(name)).set_state(gen_state.cpu())
+
+
+WEIGHT_UPDATES = ("fp32_masters", "stochastic_rounding")  # train.py --weight_update
+
+
+def make_optimizer(params, weight_update: str, *, weight_decay: float, fused: bool, seed: int):
+    """The one-process optimizer of ``train.py --weight_update``: ``MasterAdamW`` (``fused``: torch's
+    fused AdamW kernel over the masters) or ``StochasticRoundingAdamW`` (seeded with ``seed``); lr 0,
+    the trainer sets it every step."""
+    if weight_update == "fp32_masters":
+        return MasterAdamW(params, lr=0.0, weight_decay=weight_decay, fused=fused)
+    if weight_update == "stochastic_rounding":
+        return StochasticRoundingAdamW(params, lr=0.0, weight_decay=weight_decay, seed=seed)
+    raise ValueError(f"weight_update must be one of {', '.join(WEIGHT_UPDATES)}, got {weight_update!r}")

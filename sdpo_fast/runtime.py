@@ -20,7 +20,7 @@ import torch
 from . import checkpoint
 from .errors import UserError
 from .model import unwrap_causal_lm
-from .optim import MasterAdamW
+from .optim import make_optimizer
 
 
 def is_distributed() -> bool:
@@ -139,9 +139,12 @@ class Runtime:
         deepspeed_config: path to a DeepSpeed JSON (its "auto" fields are filled here) or None.
         batch_size: groups per rank per step (DeepSpeed's micro batch).
         max_grad_norm, weight_decay, bf16: optimizer settings.
+        weight_update, seed: without DeepSpeed, ``sdpo_fast.optim.make_optimizer``'s choice (fp32
+            masters or stochastic rounding) and the rounding's seed.
     """
 
-    def __init__(self, model, *, deepspeed_config, batch_size, max_grad_norm, weight_decay, bf16, device):
+    def __init__(self, model, *, deepspeed_config, batch_size, max_grad_norm, weight_decay, bf16, device,
+                 weight_update: str = "fp32_masters", seed: int = 0):
         self.max_grad_norm = max_grad_norm
         self.device = device
         self.engine = None
@@ -163,9 +166,10 @@ class Runtime:
         else:
             self.model = model.to(device)
             params = [p for p in model.parameters() if p.requires_grad]
-            # fp32 masters of half-precision weights (bf16 LoRA adapters, bf16 full fine-tuning)
-            self.optimizer = MasterAdamW(params, lr=0.0, weight_decay=weight_decay,
-                                         fused=_fused_adamw_ok(params, device))
+            # fp32 masters of half-precision weights (bf16 LoRA adapters, bf16 full fine-tuning), or
+            # none: stochastic rounding into the bf16 weights
+            self.optimizer = make_optimizer(params, weight_update, weight_decay=weight_decay,
+                                            fused=_fused_adamw_ok(params, device), seed=seed)
         self.stage3 = self.engine is not None and self.engine.zero_optimization_stage() == 3
 
     @property
@@ -214,7 +218,7 @@ class Runtime:
             return StepResult(loss_value, norm, stop_signal)
         if not grads_ready:
             loss.backward()
-        norm_t = torch.nn.utils.clip_grad_norm_(self.optimizer.master_grads(), self.max_grad_norm)  # fp32
+        norm_t = torch.nn.utils.clip_grad_norm_(self.optimizer.master_grads(), self.max_grad_norm)  # fp32 under masters
         loss_value, norm = torch.stack([value, norm_t.detach().float().reshape(())]).tolist()
         if watch_loss and not np.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)

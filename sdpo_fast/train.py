@@ -562,7 +562,7 @@ def _main(argv=None) -> int:
 
     runtime = Runtime(model, deepspeed_config=train_args.deepspeed, batch_size=train_args.batch_size,
                       max_grad_norm=train_args.max_grad_norm, weight_decay=train_args.weight_decay, bf16=bf16,
-                      device=device)
+                      device=device, weight_update=train_args.weight_update, seed=train_args.seed)
     stages = {"sft": ["sft"], "sdpo": ["sdpo"], "dpo": ["sdpo"], "all": ["sft", "sdpo"], "eval": []}[train_args.stage]
     results, done, resume_step, resume_stage, rows, ref_state = {}, [], 0, None, [], {}
     if resume_path is not None:

@@ -289,3 +289,45 @@ def test_stochastic_rounding_state_round_trip_continues_bit_for_bit_and_bad_inpu
         StochasticRoundingAdamW([torch.nn.Parameter(torch.zeros(2, dtype=torch.float16))])
     with pytest.raises(ValueError, match="no parameters"):
         StochasticRoundingAdamW([])
+
+
+def test_a_bf16_full_run_with_stochastic_rounding_resumes_exactly(tmp_path, one_thread, monkeypatch, capsys):
+    """train.py --weight_update stochastic_rounding, full-parameter bf16: the checkpoint holds the
+    moments and the rounding generator and no master copy; a resumed run gives the uninterrupted
+    run's losses bit for bit; resuming it with the default --weight_update is refused, naming the flag."""
+    import json
+
+    from sdpo_fast import train as train_mod
+    from sdpo_fast.config import parse_args
+    from sdpo_fast.errors import UserError
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    common = ["--tiny_layers", "1", "--tiny_hidden", "64", "--tokenizer_vocab", "400", "--max_train_examples", "12",
+              "--batch_size", "4", "--max_steps", "3", "--eval", "none", "--num_negatives", "3", "--stage", "sdpo",
+              "--bf16", "true", "--sdpo_learning_rate", "1e-4", "--save_steps", "1"]
+    sr = ["--weight_update", "stochastic_rounding"]
+
+    def losses(out):
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in rows if "loss" in r and "stage" in r]
+
+    assert train_mod.main(["--output_dir", str(tmp_path / "a"), *common, *sr]) == 0
+    state = torch.load(tmp_path / "a" / "checkpoint-sdpo-1" / "state.pt", weights_only=False)
+    assert all(t.dtype == torch.bfloat16 for t in state["trainable"].values())
+    saved = state["optimizer"]["sr_adamw"]
+    assert "masters" not in state["optimizer"] and saved["generators"]
+    assert len(saved["state"]) == len(state["trainable"])
+    manifest = json.loads((tmp_path / "a" / "checkpoint-sdpo-1" / "checkpoint.json").read_text())
+    assert "stochastic_rounding" in json.dumps(manifest)
+    assert train_mod.main(["--output_dir", str(tmp_path / "b"), *common, *sr,
+                           "--resume_from_checkpoint", str(tmp_path / "a" / "checkpoint-sdpo-1")]) == 0
+    assert losses(tmp_path / "b") == losses(tmp_path / "a") and len(losses(tmp_path / "a")) == 3
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        train_mod.main(["--output_dir", str(tmp_path / "c"), *common,
+                        "--resume_from_checkpoint", str(tmp_path / "a" / "checkpoint-sdpo-1")])
+    assert exc.value.code == 2 and "--weight_update" in capsys.readouterr().err
+    for bad, message in ((["--weight_update", "bf16"], "--weight_update must be one of fp32_masters, stochastic_rounding"),
+                         ([*sr, "--deepspeed", "configs/zero3.json"], "for one process without --deepspeed")):
+        with pytest.raises(UserError, match=message):
+            parse_args(bad)

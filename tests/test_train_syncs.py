@@ -94,8 +94,9 @@ def _spy_on_run_stage(monkeypatch) -> HostSyncs:
 STEPS = 3
 
 
-@pytest.mark.parametrize("extra", [[], ["--lora", "--reference", "live"], ["--cuda_graphs"]],
-                         ids=["precomputed", "lora-live", "graph-path"])
+@pytest.mark.parametrize("extra", [[], ["--lora", "--reference", "live"], ["--cuda_graphs"],
+                                   ["--bf16", "true", "--weight_update", "stochastic_rounding"]],
+                         ids=["precomputed", "lora-live", "graph-path", "bf16-stochastic-rounding"])
 def test_a_trainer_step_syncs_at_most_once_outside_logging(tmp_path, monkeypatch, extra):
     spy = _spy_on_run_stage(monkeypatch)
     backend = "torch"
