@@ -35,6 +35,15 @@ __all__ = ["MasterAdamW", "StochasticRoundingAdamW", "round_stochastic_", "WEIGH
 HALF = (torch.bfloat16, torch.float16)
 
 
+def _zero_grads(params, set_to_none: bool) -> None:
+    for p in params:
+        if p.grad is not None:
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.zero_()
+
+
 class MasterAdamW:
     """``torch.optim.AdamW`` over fp32 masters of ``params`` (half ones copied, fp32 ones shared).
 
@@ -111,12 +120,7 @@ class MasterAdamW:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """The weights' gradients (the masters' fp32 gradients exist only inside a step)."""
-        for p in self.params:
-            if p.grad is not None:
-                if set_to_none:
-                    p.grad = None
-                else:
-                    p.grad.zero_()
+        _zero_grads(self.params, set_to_none)
         self._gathered = False
 
     def state_dict(self) -> dict:
@@ -262,12 +266,7 @@ class StochasticRoundingAdamW:
                     w.copy_(round_stochastic_(w32, generator))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            if p.grad is not None:
-                if set_to_none:
-                    p.grad = None
-                else:
-                    p.grad.zero_()
+        _zero_grads(self.params, set_to_none)
 
     def state_dict(self) -> dict:
         index = {id(p): i for i, p in enumerate(self.params)}

@@ -24,6 +24,16 @@ def _grads(step, seed=1):
     return [torch.randn(8, 301, generator=g).to(torch.bfloat16), torch.randn(37, generator=g)]
 
 
+def _steps(runs, steps):
+    """``_grads(step)`` into each ``(optimizer, params)`` of ``runs``, one optimizer step each, in turns."""
+    for step in steps:
+        for opt, ps in runs:
+            for p, g in zip(ps, _grads(step)):
+                p.grad = g
+            opt.step()
+            opt.zero_grad()
+
+
 def test_updates_match_fp64_adamw_and_round_into_the_weights():
     params = _weights()
     ref = [torch.nn.Parameter(p.detach().double()) for p in params]
@@ -80,11 +90,7 @@ def test_master_grads_are_fp32_and_a_weight_without_gradient_stays():
 def test_state_dict_round_trip_continues_exactly():
     a, b = _weights(), _weights()
     opt_a = MasterAdamW(a, lr=LR, weight_decay=WD)
-    for step in range(3):
-        for p, g in zip(a, _grads(step)):
-            p.grad = g
-        opt_a.step()
-        opt_a.zero_grad()
+    _steps(((opt_a, a),), range(3))
     opt_b = MasterAdamW(b, lr=LR, weight_decay=WD)
     buf = io.BytesIO()  # through a file, as a checkpoint (a state dict in memory shares its tensors)
     torch.save(opt_a.state_dict(), buf)
@@ -95,12 +101,7 @@ def test_state_dict_round_trip_continues_exactly():
             pb.copy_(pa)
     opt_b.load_state_dict(state)
     torch.testing.assert_close(opt_b.masters[0], opt_a.masters[0], rtol=0, atol=0)
-    for step in range(3, 6):
-        for opt, ps in ((opt_a, a), (opt_b, b)):
-            for p, g in zip(ps, _grads(step)):
-                p.grad = g
-            opt.step()
-            opt.zero_grad()
+    _steps(((opt_a, a), (opt_b, b)), range(3, 6))
     for pa, pb in zip(a, b):
         assert torch.equal(pa.detach(), pb.detach())
     assert torch.equal(opt_a.masters[0], opt_b.masters[0])
@@ -255,11 +256,7 @@ def test_fp32_parameters_get_torch_adamw_exactly_and_chunks_change_no_moment():
 def test_stochastic_rounding_state_round_trip_continues_bit_for_bit_and_bad_input_is_refused():
     a, b = _weights(), _weights()
     opt_a = StochasticRoundingAdamW(a, lr=LR, weight_decay=WD, seed=7)
-    for step in range(3):
-        for p, g in zip(a, _grads(step)):
-            p.grad = g
-        opt_a.step()
-        opt_a.zero_grad()
+    _steps(((opt_a, a),), range(3))
     buf = io.BytesIO()
     torch.save(opt_a.state_dict(), buf)
     buf.seek(0)
@@ -268,12 +265,7 @@ def test_stochastic_rounding_state_round_trip_continues_bit_for_bit_and_bad_inpu
         for pb, pa in zip(b, a):
             pb.copy_(pa)
     opt_b.load_state_dict(torch.load(buf, weights_only=True))
-    for step in range(3, 8):
-        for opt, ps in ((opt_a, a), (opt_b, b)):
-            for p, g in zip(ps, _grads(step)):
-                p.grad = g
-            opt.step()
-            opt.zero_grad()
+    _steps(((opt_a, a), (opt_b, b)), range(3, 8))
     for pa, pb in zip(a, b):
         assert torch.equal(pa.detach(), pb.detach())
     # memory: two fp32 moments per parameter, no fp32 copy of the bf16 weight
