@@ -131,6 +131,19 @@ def _fused_adamw_ok(params, device) -> bool:
     return device.type == "cuda" and bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
 
 
+def _clip_fp32(params, max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` with the norm accumulated and returned in fp32 whatever the gradients'
+    dtype (``clip_grad_norm_`` returns a bf16 norm for bf16 gradients: 3 significant digits in the
+    log and the non-finite check); the same result as it for fp32 gradients."""
+    grads = [p.grad for p in params]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+    total = torch.linalg.vector_norm(torch.stack(norms), 2.0)  # one device: this one-process runtime
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
 class Runtime:
     """Model + optimizer, plain PyTorch or DeepSpeed.
 
@@ -218,7 +231,7 @@ class Runtime:
             return StepResult(loss_value, norm, stop_signal)
         if not grads_ready:
             loss.backward()
-        norm_t = torch.nn.utils.clip_grad_norm_(self.optimizer.master_grads(), self.max_grad_norm)  # fp32 under masters
+        norm_t = _clip_fp32(self.optimizer.master_grads(), self.max_grad_norm)
         loss_value, norm = torch.stack([value, norm_t.detach().float().reshape(())]).tolist()
         if watch_loss and not np.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)

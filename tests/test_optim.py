@@ -323,3 +323,28 @@ def test_a_bf16_full_run_with_stochastic_rounding_resumes_exactly(tmp_path, one_
                          ([*sr, "--deepspeed", "configs/zero3.json"], "for one process without --deepspeed")):
         with pytest.raises(UserError, match=message):
             parse_args(bad)
+
+
+def test_clipping_norm_is_fp32_for_bf16_gradients_and_unchanged_for_fp32():
+    """``Runtime``'s clip (``_clip_fp32``): clip_grad_norm_'s result for fp32 gradients, bit for bit;
+    for bf16 gradients (stochastic rounding keeps them as the weights' own) an fp32 norm, where
+    clip_grad_norm_ returns a bf16 one."""
+    from sdpo_fast.runtime import _clip_fp32
+
+    g = torch.Generator().manual_seed(2)
+    grads = [torch.randn(30, 7, generator=g) * 3, torch.randn(11, generator=g)]
+    a = [torch.nn.Parameter(torch.zeros_like(t)) for t in grads]
+    b = [torch.nn.Parameter(torch.zeros_like(t)) for t in grads]
+    for p, q, t in zip(a, b, grads):
+        p.grad, q.grad = t.clone(), t.clone()
+    assert torch.equal(_clip_fp32(a, 1.0), torch.nn.utils.clip_grad_norm_(b, 1.0))
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(a, b))
+    half = [torch.nn.Parameter(torch.zeros(t.shape, dtype=torch.bfloat16)) for t in grads]
+    for p, t in zip(half, grads):
+        p.grad = t.to(torch.bfloat16)
+    exact = torch.cat([p.grad.double().reshape(-1) for p in half]).norm().item()
+    norm = _clip_fp32(half, 1.0)
+    assert norm.dtype == torch.float32 and norm.item() == pytest.approx(exact, rel=1e-6)
+    clipped = torch.cat([p.grad.double().reshape(-1) for p in half]).norm().item()
+    assert clipped == pytest.approx(1.0, rel=1e-2)  # bf16 gradients scaled to the limit
+    assert _clip_fp32([], 1.0).item() == 0.0
