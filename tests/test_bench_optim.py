@@ -40,3 +40,21 @@ def test_script_writes_json_and_markdown(tmp_path):
     assert "| stochastic rounding |" in md and "remaining" in md
     with pytest.raises(SystemExit):
         bench.main(["--steps", "1"])
+
+
+@pytest.mark.slow  # two train.py processes
+def test_train_weight_update_runs_both_modes(tmp_path):
+    bench = load_benchmark("train_weight_update")
+    out = tmp_path / "t"
+    tiny = ["--tiny_layers", "1", "--tiny_hidden", "32", "--tiny_heads", "2", "--tiny_kv_heads", "1",
+            "--tokenizer_vocab", "300", "--max_train_examples", "8", "--batch_size", "4", "--max_steps", "2",
+            "--eval", "none", "--stage", "sdpo", "--bf16", "true", "--num_negatives", "2"]
+    assert bench.main(["--out", str(out), "--", *tiny]) == 0
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["train_args"] == tiny and list(saved["runs"]) == list(bench.MODES)
+    for runs in saved["runs"].values():
+        (r,) = runs
+        assert len(r["loss"]) == 2 and r["peak_rss_mib"] > 100 and r["wall_s"] > 0
+    # the same first step (the updates differ only from the first optimizer step on)
+    assert saved["runs"]["fp32_masters"][0]["loss"][0] == saved["runs"]["stochastic_rounding"][0]["loss"][0]
+    assert "| stochastic_rounding |" in out.with_suffix(".md").read_text()
