@@ -1,12 +1,13 @@
-"""Build script: the kernel folders in ./kernels ship as ``sdpo_fast.kernels`` (one subpackage per op,
-never a top-level ``kernels`` module), and csrc/ compiles into the ``sdpo_fast.kernels._native`` CPU
-extension (loaded by ``kernels/extension.py``).
+"""Build script: the package ``sdpo_fast`` (its ground floor ``sdpo_fast/kernels``: one subpackage per op;
+never a top-level ``kernels`` folder, which would shadow transformers' ``kernels`` dependency whenever
+the checkout's root is on ``sys.path``), and csrc/ compiles into the ``sdpo_fast.kernels._native`` CPU
+extension (loaded by ``sdpo_fast/kernels/extension.py``).
 
 The extension is built with torch's extension builder (ninja) against the torch that is importable
 here, so it is only built when the build can see the installed torch: ``pip install
 --no-build-isolation ...`` (``.ci/run`` does this). Under pip's default build isolation torch is not
 importable (and must not be, or pip would fetch a multi-GB CUDA wheel into the isolated environment);
-the package then installs without it and ``kernels/extension.py`` compiles the same sources on first use.
+the package then installs without it and ``sdpo_fast/kernels/extension.py`` compiles the same sources on first use.
 ``SDPO_FAST_NO_EXT=1`` skips the build. A failing compiler never fails the install: the package
 imports and the ``"auto"`` backend falls back to torch with one warning.
 """
@@ -22,7 +23,7 @@ from setuptools import setup
 PACKAGES = dict(
     packages=["sdpo_fast", "sdpo_fast.data", "sdpo_fast.eval", "sdpo_fast.kernels", "sdpo_fast.kernels.logprobs",
               "sdpo_fast.kernels.attention", "sdpo_fast._csrc"],
-    package_dir={"sdpo_fast": "sdpo_fast", "sdpo_fast.kernels": "kernels", "sdpo_fast._csrc": "csrc"},
+    package_dir={"sdpo_fast": "sdpo_fast", "sdpo_fast._csrc": "csrc"},
     package_data={"sdpo_fast._csrc": ["*.cpp", "*.h"]},
 )
 
@@ -54,7 +55,7 @@ def _native_extension():
 
     ext = CppExtension(
         name="sdpo_fast.kernels._native",
-        # the list kernels/extension.py compiles on first use (SOURCES there)
+        # the list sdpo_fast/kernels/extension.py compiles on first use (SOURCES there)
         sources=["csrc/gemm.cpp", "csrc/rowops.cpp", "csrc/logprobs.cpp", "csrc/sdpo_loss.cpp", "csrc/bindings.cpp"],
         extra_compile_args=["-O3", "-fopenmp"],
         extra_link_args=["-fopenmp"],

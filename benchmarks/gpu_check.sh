@@ -77,11 +77,12 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$SITE"
 
-# 2. The package itself (kernels/ is mapped to sdpo_fast.kernels by setup.py: needs an install).
+# 2. The package itself, installed (editable) so that the scripts under benchmarks/ import it from any
+# directory; checked from / because the repository root's sdpo_fast/ imports from here without one.
 # The native extension is the CPU path: without this its first import compiles it (about a minute of
 # device time, seen on the H200 run of 2026-11-27).
 export SDPO_FAST_NO_EXT=1
-if [ "${DRY_RUN:-0}" != 1 ] && ! "$PY" -c "import sdpo_fast.kernels.logprobs.triton" 2>/dev/null; then
+if [ "${DRY_RUN:-0}" != 1 ] && ! (cd / && "$PY" -c "import sdpo_fast.kernels.logprobs.triton") 2>/dev/null; then
     step install_sdpo_fast 120 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
 fi
 "$PY" - > "$OUT/env.json" <<'EOF'

@@ -1,4 +1,4 @@
-// Python bindings of the native CPU backend (kernels/logprobs/native.py calls them).
+// Python bindings of the native CPU backend (sdpo_fast/kernels/logprobs/native.py calls them).
 #include "common.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -9,7 +9,7 @@ Why a mask function too: transformers would otherwise build a dense ``[R, 1, L, 
 restarting ``position_ids`` (and ``position_ids`` without a mask silently mis-attends). Inside
 ``packed_forward()`` our mask function returns ``None`` and the attention backend derives the mask from
 the batch metadata; outside it, it defers to transformers' SDPA mask. The attention backends
-themselves (the torch reference and the Triton kernel) live in ``kernels/attention/``.
+themselves (the torch reference and the Triton kernel) live in ``sdpo_fast/kernels/attention/``.
 """
 
 from __future__ import annotations

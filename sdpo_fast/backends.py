@@ -4,8 +4,8 @@ Ops: ``"logprobs"`` (fused linear + log-softmax + gather + per-candidate sum), `
 same plus the loss and its gradients in one op; the same backend modules, through the loss driver in
 ``sdpo_fast.loss``), ``"attention"`` (shared-prefix attention). For each op the table below maps a
 backend name to a loader that imports the implementation when it is first asked for: a backend
-module of ``kernels/logprobs/`` (the contract is in ``kernels/logprobs/reference.py``) or an attention
-function of ``kernels/attention/``. Nothing registers itself at import time. A loader that fails (no
+module of ``sdpo_fast/kernels/logprobs/`` (the contract is in ``sdpo_fast/kernels/logprobs/reference.py``) or an attention
+function of ``sdpo_fast/kernels/attention/``. Nothing registers itself at import time. A loader that fails (no
 GPU build of triton, no compiled extension) is remembered with its reason, which the error message of
 an explicit request repeats; ``"auto"`` then falls through to the next name, with one warning.
 
@@ -142,7 +142,7 @@ def resolve(op: str, backend: str, device: torch.device | str) -> str:
 
 def implementation(op: str, name: str):
     """The implementation of ``op`` by backend ``name`` (not ``"auto"``), whatever the device: a backend
-    module of ``kernels/logprobs/`` for the log-prob ops, the attention function for ``"attention"``.
+    module of ``sdpo_fast/kernels/logprobs/`` for the log-prob ops, the attention function for ``"attention"``.
     Raises ValueError with the reason when it cannot be loaded."""
     if name not in BACKENDS or name == "auto":
         raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {name!r}")

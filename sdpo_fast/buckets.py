@@ -11,7 +11,7 @@ make ``Nr`` exactly the bucket's; ``N - Nr`` (one per negative) is fixed by the 
 
 Bucket sizes are 25% apart (``bucket_size``): ``q, 1.25q, 1.5q, 1.75q, 2q, 2.5q, ...``. The key
 ``(L, G, C, Nr, N)`` is stored on the batch (``PackedBatch.bucket``); the CUDA kernels then derive
-their launches from tensor shapes alone (``kernels/logprobs/cublas.py`` plans its chunks from ``Nr``,
+their launches from tensor shapes alone (``sdpo_fast/kernels/logprobs/cublas.py`` plans its chunks from ``Nr``,
 the attention kernel zero-fills as for a padded batch), so two batches with one key run the same
 launches on different data: what a graph replay needs (``sdpo_fast.graphs``).
 """

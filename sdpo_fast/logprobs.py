@@ -1,8 +1,8 @@
 """Per-candidate sequence log-probs from packed hidden states and the ``lm_head`` weight.
 
-``sequence_logprobs`` is the public, differentiable op. Every backend (``kernels/logprobs/``) runs
+``sequence_logprobs`` is the public, differentiable op. Every backend (``sdpo_fast/kernels/logprobs/``) runs
 through the one autograd Function here: the backend's ``forward`` gives the log-probs and a state,
-its ``backward`` the gradients given dL/dlogp (the contract: ``kernels/logprobs/reference.py``).
+its ``backward`` the gradients given dL/dlogp (the contract: ``sdpo_fast/kernels/logprobs/reference.py``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``"cublas"`` backend (``kernels/logprobs/cublas.py``: library GEMMs + Triton row kernels) against
+"""``"cublas"`` backend (``sdpo_fast/kernels/logprobs/cublas.py``: library GEMMs + Triton row kernels) against
 fp64 references.
 
 On CPU the GEMMs are torch's and the row kernels run under ``TRITON_INTERPRET=1``; on CUDA the same

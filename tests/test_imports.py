@@ -1,15 +1,16 @@
-"""The import graph of sdpo_fast/ and kernels/ (parsed with ``ast``, nothing imported): imports run one
-way, with no cycle, and kernels/ (installed as sdpo_fast.kernels) never imports the package above it."""
+"""The import graph of sdpo_fast/ (parsed with ``ast``, nothing imported): imports run one way, with no
+cycle, and sdpo_fast/kernels/ never imports the package above it. Also: nothing at the checkout's root
+shadows an installed package when the root is on ``sys.path`` (``python train.py``, ``python -m pytest``)."""
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TREES = {"sdpo_fast": ROOT / "sdpo_fast", "sdpo_fast.kernels": ROOT / "kernels"}
+TREES = {"sdpo_fast": ROOT / "sdpo_fast"}
 
 
 def modules() -> dict[str, Path]:
-    """Dotted module name -> file, for every .py of the two trees (``__init__`` names its package)."""
+    """Dotted module name -> file, for every .py of the tree (``__init__`` names its package)."""
     out = {}
     for prefix, root in TREES.items():
         for path in root.rglob("*.py"):
@@ -66,7 +67,7 @@ def test_kernels_never_import_the_package_above():
         for dep in deps
         if not dep.startswith("sdpo_fast.kernels")
     }
-    assert not bad, f"kernels/ imports sdpo_fast: {sorted(bad)}"
+    assert not bad, f"sdpo_fast/kernels/ imports the package above it: {sorted(bad)}"
 
 
 def test_no_import_cycle():
@@ -93,3 +94,30 @@ def test_no_import_cycle():
 def test_backend_table_imports_explicitly():
     source = (ROOT / "sdpo_fast" / "backends.py").read_text()
     assert "importlib" not in source and "__import__" not in source
+
+
+def test_the_checkout_root_shadows_no_installed_package():
+    """``python train.py`` and ``python -m pytest`` put the checkout's root first on ``sys.path``, where a
+    package or module named like another installed distribution's wins over it (a top-level ``kernels/``
+    broke ``import transformers`` once transformers came to depend on the ``kernels`` package)."""
+    import importlib.metadata
+
+    installed = {name for name, dists in importlib.metadata.packages_distributions().items() if dists != ["sdpo_fast"]}
+    at_root = {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    at_root |= {p.stem for p in ROOT.glob("*.py")}
+    assert "sdpo_fast" in at_root and "train" in at_root
+    assert not at_root & installed, f"the checkout's root shadows installed packages: {sorted(at_root & installed)}"
+
+
+def test_transformers_and_the_package_import_from_the_checkout_root():
+    """The same, end to end: a fresh interpreter whose working directory is the root (first on
+    ``sys.path``) imports transformers' model code, which loads its optional integrations, and sdpo_fast."""
+    import subprocess
+    import sys
+
+    code = ("import importlib.util, sdpo_fast, sdpo_fast.kernels, transformers.modeling_utils; "
+            "spec = importlib.util.find_spec('kernels'); print(spec.origin if spec else None)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    origin = done.stdout.strip().splitlines()[-1]
+    assert origin == "None" or not origin.startswith(str(ROOT) + "/kernels"), origin

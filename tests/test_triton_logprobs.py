@@ -1,4 +1,4 @@
-"""Triton fused log-probs and S-DPO loss (``kernels/logprobs/triton.py``) against fp64 torch references.
+"""Triton fused log-probs and S-DPO loss (``sdpo_fast/kernels/logprobs/triton.py``) against fp64 torch references.
 
 On CPU the kernels run under ``TRITON_INTERPRET=1`` (set by conftest) with fp32/fp16 and tiny shapes;
 the same tests run on CUDA (bf16 too) when a GPU is present. The references are independent of the
@@ -209,5 +209,5 @@ def test_kernels_compile_for_hopper():
     res = subprocess.run([sys.executable, "-m", "sdpo_fast.kernels.logprobs.aot", "--check"], env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    # five kernels of kernels/logprobs/triton.py, two row kernels of kernels/logprobs/cublas.py
+    # five kernels of sdpo_fast/kernels/logprobs/triton.py, two row kernels of sdpo_fast/kernels/logprobs/cublas.py
     assert sum(line.startswith("| _") for line in res.stdout.splitlines()) == 7, res.stdout

@@ -22,9 +22,10 @@ __all__ = ["SOURCES", "extension", "gemm_engine"]
 
 # csrc/: the common header, one file per op, the bindings (setup.py compiles the same list).
 SOURCES = ("gemm.cpp", "rowops.cpp", "logprobs.cpp", "sdpo_loss.cpp", "bindings.cpp")
-# The checkout's csrc/ (editable installs), else the copy installed as sdpo_fast/_csrc (setup.py).
-_ROOT = Path(__file__).resolve().parent.parent
-_CSRC = next((d for d in (_ROOT / "csrc", _ROOT / "_csrc") if (d / SOURCES[-1]).is_file()), _ROOT / "csrc")
+# The copy installed as sdpo_fast/_csrc (setup.py), else the checkout's csrc/ beside sdpo_fast/ (editable installs).
+_PACKAGE = Path(__file__).resolve().parent.parent
+_CSRC = next((d for d in (_PACKAGE / "_csrc", _PACKAGE.parent / "csrc") if (d / SOURCES[-1]).is_file()),
+             _PACKAGE.parent / "csrc")
 _PKG = __name__.split(".")[0]  # the installed package name, for messages and the JIT cache name
 CXX_FLAGS = ["-O3", "-fopenmp"]
 LD_FLAGS = ["-fopenmp"]

@@ -1,4 +1,4 @@
-"""The ``"native"`` backend: C++ CPU kernels (csrc/, loaded by ``kernels/extension.py``) for the fused
+"""The ``"native"`` backend: C++ CPU kernels (csrc/, loaded by ``sdpo_fast/kernels/extension.py``) for the fused
 log-probs and the S-DPO loss. Contract and reference: ``reference.py`` beside this file.
 
 ``forward``/``backward`` (the plain op, ``sequence_logprobs``) work vocabulary block by vocabulary

@@ -5,7 +5,7 @@ again (recomputed) in the backward.
 Backend contract (every module of this folder that is a backend has the same four names; the shared
 autograd Function of ``sequence_logprobs`` and the loss driver of ``fused_sdpo_loss`` call them):
 
-    Options                 frozen dataclass of the backend's tuning knobs (``kernels/options.py``)
+    Options                 frozen dataclass of the backend's tuning knobs (``sdpo_fast/kernels/options.py``)
     DW_PRECISION            how dW is accumulated (one line, listed in the README's backend table)
     forward(hidden, weight, batch, opts, need_h, need_w, fused) -> (logps [G * C] fp32, state)
     backward(hidden, weight, batch, state, grad_logps [G * C], need_h, need_w, opts)
