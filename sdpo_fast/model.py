@@ -29,6 +29,17 @@ def unwrap_causal_lm(model):
             return model
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in the backward (non-reentrant checkpoints), under the
+    method's name in the installed transformers (``activation_checkpointing_enable`` from 5.25 on; the
+    older ``gradient_checkpointing_enable`` warns there and goes in v6). ``model``: HF or PEFT model."""
+    lm = unwrap_causal_lm(model)
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def output_weight(lm) -> torch.Tensor:
     """The ``lm_head`` weight ``[V, D]`` of an unwrapped causal LM, after checking it is a plain linear map."""
     head = lm.get_output_embeddings()

@@ -41,7 +41,7 @@ from . import checkpoint, fingerprint
 from .config import eval_protocols, parse_args
 from .buckets import padded_reference
 from .errors import UserError, cli
-from .model import candidate_logprobs, candidate_sdpo_loss, unwrap_causal_lm
+from .model import candidate_logprobs, candidate_sdpo_loss, enable_activation_checkpointing, unwrap_causal_lm
 from .outputs import MetricsLog, prepare_output_dir, write_json_atomic
 from .runtime import (
     NonFiniteError, Runtime, Schedule, all_gather_objects, all_gather_rows, all_mean_tensor, barrier, rank,
@@ -130,7 +130,7 @@ def build_model(model_args, splits, output_dir, bf16):
 
         model = lora_model(model, cfg)  # adapters in the base dtype (bf16 base: bf16 adapters)
     if model_args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return tokenizer, model
 
 
