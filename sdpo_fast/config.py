@@ -24,6 +24,7 @@ from .kernels.options import OPS
 from .kernels.options import resolve as resolve_options
 from .loss import LOSS_TYPES
 from .optim import WEIGHT_UPDATES
+from .runtime import SMALL_HIDDEN
 
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -159,6 +160,12 @@ class TrainArguments:
         default=False,
         metadata={"help": "CUDA only, not with --deepspeed: pack each step's groups into a shape bucket and replay its "
                           "forward + backward from a CUDA graph captured once per bucket (README, CUDA graphs)"},
+    )
+    cpu_threads: int | None = field(
+        default=None,
+        metadata={"help": "intra-op threads when training on the CPU (default: 1 for a model of hidden size below "
+                          f"{SMALL_HIDDEN}, whose ops are too small to pay for waking a second thread, else "
+                          "torch's default)"},
     )
     cuda_graph_buckets: int = field(
         default=8, metadata={"help": "--cuda_graphs: graphs kept (one per bucket; each holds its own activation "
@@ -298,6 +305,7 @@ def _number_checks(model_args, data_args, train_args) -> list[str]:
         ("full_catalog_chunk_tokens", train_args.full_catalog_chunk_tokens, at_least_1, False),
         ("constrained_num_beams", train_args.constrained_num_beams, at_least_1, False),
         ("dataloader_num_workers", train_args.dataloader_num_workers, at_least_0, True),
+        ("cpu_threads", train_args.cpu_threads, at_least_1, True),
         ("cuda_graph_buckets", train_args.cuda_graph_buckets, at_least_1, False),
         ("max_prompt_tokens", data_args.max_prompt_tokens, at_least_1, False),
         ("max_train_examples", data_args.max_train_examples, at_least_1, True),

@@ -92,6 +92,24 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+SMALL_HIDDEN = 256  # below it one thread trains faster on a quiet CPU, and as fast beside a competitor
+
+
+def cpu_threads(requested: int | None, hidden_size: int | None, default: int) -> int:
+    """Intra-op threads for training on the CPU: ``requested`` (``--cpu_threads``) when given, else 1 for
+    a model whose hidden size is below ``SMALL_HIDDEN``, else ``default`` (torch's count).
+
+    Why: with passive OpenMP waits (``train.py``), every parallel region wakes its sleeping threads,
+    tens of microseconds each, and a small model's forward and backward run hundreds of regions per
+    step that each hold less work than that; spinning instead of sleeping wins on a quiet machine and
+    loses several-fold beside another busy process (``benchmarks/results/cpu_threads.md``)."""
+    if requested is not None:
+        return requested
+    if hidden_size is not None and hidden_size < SMALL_HIDDEN:
+        return 1
+    return default
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))

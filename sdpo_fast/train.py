@@ -44,8 +44,8 @@ from .errors import UserError, cli
 from .model import candidate_logprobs, candidate_sdpo_loss, enable_activation_checkpointing, unwrap_causal_lm
 from .outputs import MetricsLog, prepare_output_dir, write_json_atomic
 from .runtime import (
-    NonFiniteError, Runtime, Schedule, all_gather_objects, all_gather_rows, all_mean_tensor, barrier, rank,
-    seed_everything, world_size,
+    NonFiniteError, Runtime, Schedule, all_gather_objects, all_gather_rows, all_mean_tensor, barrier, cpu_threads,
+    rank, seed_everything, world_size,
 )
 from .stopping import GracefulStop, Stopped, ignore_in_worker
 
@@ -503,7 +503,11 @@ def _tokenize(examples, tokenizer, cache_dir, desc, max_positions, **kwargs):
 
 def main(argv=None) -> int:
     """``train.py``: user errors are one line of stderr with exit status 2 (``sdpo_fast.errors.cli``)."""
-    return cli(_main, argv)
+    threads = torch.get_num_threads()
+    try:
+        return cli(_main, argv)
+    finally:
+        torch.set_num_threads(threads)  # --cpu_threads (or its default) holds for the run only
 
 
 def _check_cuda_graphs(train_args, device) -> None:
@@ -536,6 +540,14 @@ def _main(argv=None) -> int:
             "training users have"
         )
     tokenizer, model = build_model(model_args, splits, out, bf16)
+    if device.type == "cpu":
+        hidden = getattr(unwrap_causal_lm(model).config, "hidden_size", None)
+        threads = cpu_threads(train_args.cpu_threads, hidden, torch.get_num_threads())
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+            if rank() == 0:
+                print(f"CPU: {threads} intra-op thread{'s' if threads > 1 else ''}"
+                      + ("" if train_args.cpu_threads else f" (hidden size {hidden}; --cpu_threads sets the count)"))
     cache_dir = data_args.cache_dir or os.path.join(out, "cache")
     train_examples = sample_over_users(splits.train, data_args.max_train_examples, seed=data_args.data_seed)
     eval_examples = sample_over_users(splits.test, data_args.max_eval_examples, seed=data_args.data_seed)

@@ -116,6 +116,7 @@ def user_error(capsys, argv):
         (["--full_catalog_users", "0"], r"--full_catalog_users must be >= 1, got 0"),
         (["--full_catalog_prompt", "listed_only"], r"--full_catalog_prompt must be history or listed"),
         (["--constrained_num_beams", "0"], r"--constrained_num_beams must be >= 1, got 0"),
+        (["--cpu_threads", "0"], r"--cpu_threads must be >= 1, got 0"),
     ],
 )
 def test_config_errors_before_any_work(tmp_path, capsys, args, message):
@@ -125,6 +126,28 @@ def test_config_errors_before_any_work(tmp_path, capsys, args, message):
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     assert re.search(message, lines[0]), lines
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+def test_cpu_threads_hold_for_the_run_only(tmp_path, monkeypatch):
+    """On the CPU a model of hidden size below SMALL_HIDDEN trains on one intra-op thread, --cpu_threads
+    overrides that, and the caller's thread count is back when main returns."""
+    from sdpo_fast.runtime import SMALL_HIDDEN, cpu_threads
+
+    assert cpu_threads(None, SMALL_HIDDEN - 1, 8) == 1 and cpu_threads(None, SMALL_HIDDEN, 8) == 8
+    assert cpu_threads(3, 64, 8) == 3 and cpu_threads(None, None, 8) == 8
+    seen, real = [], train_mod.run_stage
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "run_stage", spy)
+    torch.set_num_threads(2)  # the one_thread fixture restores the session's count afterwards
+    base = ["--stage", "sft", "--max_train_examples", "8", "--batch_size", "4", "--max_steps", "1", "--eval", "none"]
+    assert train_in_process(base, tmp_path / "a") == 0
+    assert seen == [1] and torch.get_num_threads() == 2
+    assert train_in_process(base + ["--cpu_threads", "2"], tmp_path / "b") == 0
+    assert seen == [1, 2] and torch.get_num_threads() == 2
 
 
 def test_several_config_errors_one_line_each(tmp_path, capsys):
