@@ -12,9 +12,10 @@ Extra arguments after ``--`` go to train.py. ``--env KEY=VALUE`` sets a variable
 
 ``--root DIR`` runs ``DIR/train.py`` (cwd DIR, ``PYTHONPATH=DIR``; default: this checkout) so one
 harness measures another checkout (e.g. a ``git worktree`` of an older commit). DIR needs its own
-``python setup.py build_ext --inplace`` (and, for a commit before ``kernels/`` moved into ``sdpo_fast/``,
-a symlink ``sdpo_fast/kernels -> ../kernels``, or an editable install elsewhere wins); the harness checks before measuring that ``sdpo_fast``,
-``sdpo_fast.kernels`` and the native extension all import from DIR, and stops otherwise.
+``python setup.py build_ext --inplace`` (and, for a commit before ``kernels/`` moved into
+``sdpo_fast/``, a symlink ``sdpo_fast/kernels -> ../kernels``, or an editable install elsewhere wins);
+the harness checks before measuring that ``sdpo_fast``, ``sdpo_fast.kernels`` and the native
+extension all import from DIR, and stops otherwise.
 ``--competing no|yes|both`` picks the cells (default both, alone first). ``--timeout S`` caps each run
 at S wall seconds: a capped run is killed (its process group), kept with ``timed_out`` true and its
 wall time as the cap, so a median over it reads as "> cap". ``--log DIR`` keeps each run's stdout and

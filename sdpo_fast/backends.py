@@ -4,8 +4,9 @@ Ops: ``"logprobs"`` (fused linear + log-softmax + gather + per-candidate sum), `
 same plus the loss and its gradients in one op; the same backend modules, through the loss driver in
 ``sdpo_fast.loss``), ``"attention"`` (shared-prefix attention). For each op the table below maps a
 backend name to a loader that imports the implementation when it is first asked for: a backend
-module of ``sdpo_fast/kernels/logprobs/`` (the contract is in ``sdpo_fast/kernels/logprobs/reference.py``) or an attention
-function of ``sdpo_fast/kernels/attention/``. Nothing registers itself at import time. A loader that fails (no
+module of ``sdpo_fast/kernels/logprobs/`` (the contract is in
+``sdpo_fast/kernels/logprobs/reference.py``) or an attention function of ``sdpo_fast/kernels/attention/``.
+Nothing registers itself at import time. A loader that fails (no
 GPU build of triton, no compiled extension) is remembered with its reason, which the error message of
 an explicit request repeats; ``"auto"`` then falls through to the next name, with one warning.
 

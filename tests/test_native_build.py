@@ -147,7 +147,8 @@ def test_skipped_extension_falls_back_with_one_warning():
 @pytest.mark.slow  # builds a wheel
 def test_wheel_ships_the_sources_for_a_first_use_build(tmp_path):
     """A wheel built without the extension (what an install that cannot see torch produces) carries
-    csrc/ as sdpo_fast/_csrc, and, installed away from any checkout, sdpo_fast/kernels/extension.py compiles from there."""
+    csrc/ as sdpo_fast/_csrc, and, installed away from any checkout, sdpo_fast/kernels/extension.py
+    compiles from there."""
     import zipfile
     from pathlib import Path
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from sdpo_fast import kernels as kernels_pkg
 from sdpo_fast import train as train_mod
 from sdpo_fast.data import SDPOCollator
 
@@ -29,7 +30,7 @@ T = torch.Tensor
 READS = {T.item, T.tolist, T.cpu, T.numpy, T.nonzero, torch.nonzero, T.__bool__, T.__int__, T.__float__, T.__index__}
 COPIES = {T.to, T.cuda, T.copy_}
 TORCH_DIR = os.path.dirname(torch.__file__)
-PROJECT_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (train_mod, __import__("sdpo_fast.kernels").kernels))
+PROJECT_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (train_mod, kernels_pkg))
 TINY = ["--tiny_layers", "1", "--tiny_hidden", "64", "--tokenizer_vocab", "400"]
 
 
