@@ -15,33 +15,28 @@ __all__ = ["torch_shared_prefix_attention"]
 def _group_attention(q, k, v, P, lens, scaling, dropout):
     """One group: q ``[H, n, Dh]``, k/v ``[Hkv, n, Dh]`` (n = P + sum(lens)) -> ``[n, H, Dh]``.
 
-    Prompt tokens: causal attention over the prompt. Candidate tokens: all candidates at once, padded
-    to ``[C, m]``, each against [the whole prompt | its own candidate, causally].
+    Prompt tokens: causal attention over the prompt. Candidate tokens, all candidates in one call:
+    attention over the whole group under the mask ``[sum(lens), n]`` that shows each one the prompt
+    and its own candidate, causally. With one candidate the rule is plain causal attention over the
+    group. SDPA accumulates half inputs in fp32.
     """
-    H, _, Dh = q.shape
-    Hkv = k.shape[0]
-    g = H // Hkv
-    (qp, qc), (kp, kc), (vp, vc) = (t.split([P, t.shape[1] - P], dim=1) for t in (q, k, v))
+    gqa = q.shape[0] != k.shape[0]
+    if len(lens) == 1:
+        return F.scaled_dot_product_attention(
+            q[None], k[None], v[None], is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa
+        )[0].transpose(0, 1)
+    (qp, qc), (kp, _), (vp, _) = (t.split([P, t.shape[1] - P], dim=1) for t in (q, k, v))
     o_prompt = F.scaled_dot_product_attention(
-        qp[None], kp[None], vp[None], is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=g > 1
-    )[0].transpose(0, 1)
-    C, m = len(lens), max(lens)
-    starts = [sum(lens[:j]) for j in range(C)]
-    idx = torch.tensor([[o + min(i, n - 1) for i in range(m)] for o, n in zip(starts, lens)], device=q.device)
-    valid = torch.arange(m, device=q.device)[None, :] < torch.tensor(lens, device=q.device)[:, None]  # [C, m]
-    qc = qc[:, idx].view(Hkv, g, C, m, Dh)
-    kc, vc = kc[:, idx], vc[:, idx]  # [Hkv, C, m, Dh]; padding repeats a candidate's last token, masked
-    s_prompt = torch.einsum("hgcmd,hpd->hgcmp", qc, kp) * scaling
-    s_own = torch.einsum("hgcmd,hcnd->hgcmn", qc, kc) * scaling
-    own_mask = torch.ones(m, m, dtype=torch.bool, device=q.device).tril()[None] & valid[:, None, :]  # [C, m, n]
-    s_own = s_own.masked_fill(~own_mask, float("-inf"))
-    acc = torch.promote_types(q.dtype, torch.float32)  # half inputs: softmax in fp32
-    probs = torch.softmax(torch.cat([s_prompt, s_own], dim=-1).to(acc), dim=-1).to(q.dtype)
-    if dropout > 0:
-        probs = F.dropout(probs, p=dropout)
-    o = torch.einsum("hgcmp,hpd->hgcmd", probs[..., :P], vp) + torch.einsum("hgcmn,hcnd->hgcmd", probs[..., P:], vc)
-    o_cands = o.reshape(H, C, m, Dh).permute(1, 2, 0, 3)[valid]  # [sum(lens), H, Dh] in packed order
-    return torch.cat([o_prompt, o_cands])
+        qp[None], kp[None], vp[None], is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa
+    )[0]
+    owner = torch.tensor([j for j, n in enumerate(lens) for _ in range(n)], device=q.device)  # [sum(lens)]
+    order = torch.arange(owner.shape[0], device=q.device)
+    own = (owner[:, None] == owner[None, :]) & (order[:, None] >= order[None, :])
+    mask = torch.cat([own.new_ones(owner.shape[0], P), own], dim=1)  # [sum(lens), n]
+    o_cands = F.scaled_dot_product_attention(
+        qc[None], k[None], v[None], attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa
+    )[0]
+    return torch.cat([o_prompt, o_cands], dim=1).transpose(0, 1)
 
 
 def torch_shared_prefix_attention(query, key, value, batch, scaling: float, dropout: float = 0.0):
