@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from .runtime import all_max_tensor, is_distributed
+from .runtime import all_max_tensor, is_distributed, rank
 
 __all__ = ["GracefulStop", "Stopped", "ignore_in_worker"]
 
@@ -65,6 +65,8 @@ class GracefulStop:
                 raise KeyboardInterrupt
             return  # a forwarded copy (see the module docstring)
         self.signum, self._first_at = signum, time.monotonic()
+        if rank() != 0:  # every rank gets the signal; rank 0 speaks for them (and prints where it stopped)
+            return
         print(f"\nreceived {signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
               f"(Ctrl-C again, after {FORWARD_WINDOW_S:g} s, stops at once)", file=sys.stderr, flush=True)
 

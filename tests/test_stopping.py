@@ -92,6 +92,18 @@ def test_a_repeated_sigterm_is_absorbed(capsys):
     assert capsys.readouterr().err.count("received SIGTERM") == 1
 
 
+def test_only_rank_zero_prints_the_notice(capsys, monkeypatch):
+    """Under torch.distributed every rank receives the signal and records it; only rank 0 prints the
+    notice, so a job of N ranks shows it once, not N times."""
+    from sdpo_fast import stopping
+
+    monkeypatch.setattr(stopping, "rank", lambda: 1)
+    with GracefulStop() as stop:
+        _deliver(signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM
+    assert "received SIGTERM" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("first", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
 def test_ctrl_c_soon_after_a_signal_is_absorbed_later_it_stops_at_once(first, monkeypatch):
     """A SIGINT within the forwarding window of the first signal (``torchrun`` forwarding Ctrl-C's
