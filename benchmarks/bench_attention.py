@@ -8,7 +8,8 @@ Methods (forward, and forward + backward):
             repeated to H before timing (its GQA path with a mask falls back to the math kernel)
   naive   : the paper's layout, every candidate with its own copy of the prompt (``[G*(K+1), P+n]``,
             right-padded), causal SDPA (flash where available)
-  torch   : the repository's torch reference (one SDPA call per group), CPU runs only
+  torch   : the repository's torch reference (per group: one causal SDPA call, two with several
+            candidates), CPU runs only
 
 TFLOP/s count only the work the shared-prefix mask leaves: forward ``4 * Dh * H * sum_q |visible keys|``,
 forward + backward 3.5x that (FlashAttention's convention); every method is credited with the same
