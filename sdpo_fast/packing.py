@@ -31,6 +31,8 @@ from typing import Sequence
 
 import torch
 
+from .kernels.attention.reference import group_attention_mask  # the rule's mask, beside the reference
+
 Group = tuple  # (prompt_ids, [chosen_ids, neg_1_ids, ...]); ids are int sequences or 1-D tensors
 
 
@@ -171,16 +173,6 @@ class PackedBatch:
         for row, start, end in self.group_spans:
             mask[row, start:end, start:end] = group_attention_mask(self.candidate_ids[row, start:end])
         return mask[:, None]
-
-
-def group_attention_mask(candidate_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean shared-prefix mask ``[n, n]`` of one group from its candidate ids ``[n]`` (-1 = prompt):
-    causal, and a candidate token sees the prompt and its own candidate only."""
-    n = candidate_ids.shape[0]
-    idx = torch.arange(n, device=candidate_ids.device)
-    causal = idx[:, None] >= idx[None, :]
-    visible = (candidate_ids[None, :] == -1) | (candidate_ids[:, None] == candidate_ids[None, :])
-    return causal & visible
 
 
 def _as_id_list(ids, what: str) -> list[int]:

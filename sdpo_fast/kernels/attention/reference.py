@@ -9,11 +9,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["torch_shared_prefix_attention"]
+__all__ = ["group_attention_mask", "torch_shared_prefix_attention"]
 
 
-def _group_attention(q, k, v, P, lens, scaling, dropout):
-    """One group: q ``[H, n, Dh]``, k/v ``[Hkv, n, Dh]`` (n = P + sum(lens)) -> ``[n, H, Dh]``.
+def group_attention_mask(candidate_ids: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+    """Boolean shared-prefix mask of one group from its candidate ids ``[n]`` (-1 = prompt): rows
+    ``first_row..n-1`` of the ``[n, n]`` mask (True = may attend). Causal, and a candidate token sees
+    the prompt and its own candidate only."""
+    idx = torch.arange(candidate_ids.shape[0], device=candidate_ids.device)
+    causal = idx[first_row:, None] >= idx[None, :]
+    rows = candidate_ids[first_row:, None]
+    return causal & ((candidate_ids[None, :] == -1) | (rows == candidate_ids[None, :]))
+
+
+def _group_attention(q, k, v, candidate_ids, P, lens, scaling, dropout):
+    """One group: q ``[H, n, Dh]``, k/v ``[Hkv, n, Dh]``, candidate_ids ``[n]`` (n = P + sum(lens)) ->
+    ``[n, H, Dh]``.
 
     Prompt tokens: causal attention over the prompt. Candidate tokens, all candidates in one call:
     attention over the whole group under the mask ``[sum(lens), n]`` that shows each one the prompt
@@ -29,10 +40,7 @@ def _group_attention(q, k, v, P, lens, scaling, dropout):
     o_prompt = F.scaled_dot_product_attention(
         qp[None], kp[None], vp[None], is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa
     )[0]
-    owner = torch.tensor([j for j, n in enumerate(lens) for _ in range(n)], device=q.device)  # [sum(lens)]
-    order = torch.arange(owner.shape[0], device=q.device)
-    own = (owner[:, None] == owner[None, :]) & (order[:, None] >= order[None, :])
-    mask = torch.cat([own.new_ones(owner.shape[0], P), own], dim=1)  # [sum(lens), n]
+    mask = group_attention_mask(candidate_ids, first_row=P)  # [sum(lens), n]
     o_cands = F.scaled_dot_product_attention(
         qc[None], k[None], v[None], attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa
     )[0]
@@ -51,10 +59,11 @@ def torch_shared_prefix_attention(query, key, value, batch, scaling: float, drop
     for (row, start, end), layout in zip(batch.group_spans, batch.group_layout):
         per_row[row].append((end - start, layout))
     rows_out = []
-    for q, k, v, groups in zip(query.unbind(0), key.unbind(0), value.unbind(0), per_row):
+    for q, k, v, ids, groups in zip(query.unbind(0), key.unbind(0), value.unbind(0), batch.candidate_ids, per_row):
         sizes = [n for n, _ in groups]
         pad = L - sum(sizes)
-        chunks = zip(*(t.split(sizes + [pad], dim=1) for t in (q, k, v)))
-        outs = [_group_attention(qg, kg, vg, P, lens, scaling, dropout) for (qg, kg, vg), (_, (P, lens)) in zip(chunks, groups)]
+        chunks = zip(*(t.split(sizes + [pad], dim=1) for t in (q, k, v)), ids.split(sizes + [pad]))
+        outs = [_group_attention(qg, kg, vg, cg, P, lens, scaling, dropout)
+                for (qg, kg, vg, cg), (_, (P, lens)) in zip(chunks, groups)]
         rows_out.append(torch.cat(outs + [query.new_zeros(pad, H, Dh)]))
     return torch.stack(rows_out)
