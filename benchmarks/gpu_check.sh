@@ -12,7 +12,8 @@
 # paper's shape on Llama-2-7B LoRA, K = 1, 3, 15; the same 1B cell with full fine-tuning and a live
 # reference; a one-group 1B LoRA step with and without CUDA graphs; the trainer against the benchmark's
 # step (bench_trainer.py) at the 1B LoRA cell and, with CUDA graphs, at one group; then, with what is
-# left, bench_optim.py (--weight_update's memory and time, 1B shapes); all: kernels + step.
+# left, bench_lora_linear.py (fused LoRA layers against peft's) and bench_optim.py (--weight_update's
+# memory and time, 1B shapes); all: kernels + step.
 # DRY_RUN=1 runs every realistic cell on the CPU with tiny configs (checks the script, not the GPU).
 #
 # Wheels: copy /work/shared/wheels-gpu to ./wheels-gpu (git-ignored) before sending the tree over, plus
@@ -155,6 +156,10 @@ if [ "$PARTS" = realistic ]; then
         step pytest_trainer 90 "$PY" -m pytest -q -m gpu tests/test_train_graphs.py -p no:cacheprovider \
             --junitxml="$OUT/pytest_trainer.xml"
     fi
+    # then, if time is left: LoRA projections fused against peft's layers (ops and step time), 1B widths
+    if [ "${DRY_RUN:-0}" = 1 ]; then LL="--device cpu --cells 32x1 --layers 2 --rounds 2 --steps 1"; else LL="--cells 2048x1 2048x8 --rounds 4"; fi
+    # shellcheck disable=SC2086
+    step bench_lora_linear $(( 60 * M )) "$PY" benchmarks/bench_lora_linear.py $LL --out "$OUT" --name bench_lora_linear
     # then, if time is left: --weight_update's memory and step time (fp32 masters, stochastic rounding,
     # bf16 AdamW) over Llama-3.2-1B's parameter shapes
     if [ "${DRY_RUN:-0}" = 1 ]; then OPT="--device cpu --shapes tiny"; else OPT="--device cuda --shapes llama-1b"; fi

@@ -124,3 +124,25 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj, indent: int = 2) -> None:
     write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def op_counter():
+    """A ``TorchDispatchMode`` that counts the aten ops dispatched inside its block: ``counts`` (op
+    name -> calls) and ``total``. Each op costs the host time on a GPU step, whatever it computes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpCounter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
+            self.counts[name] = self.counts.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+        @property
+        def total(self) -> int:
+            return sum(self.counts.values())
+
+    return OpCounter()

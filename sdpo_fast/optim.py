@@ -95,13 +95,13 @@ class MasterAdamW:
                 if params[i].grad is not None:
                     by_device.setdefault(params[i].device, []).append(i)
             for device, idx in by_device.items():
-                flat = torch.empty(sum(params[i].numel() for i in idx), dtype=torch.float32, device=device)
-                views, start = [], 0
-                for i in idx:
-                    n = params[i].numel()
-                    views.append(flat[start:start + n].view(params[i].shape))
-                    start += n
-                torch._foreach_copy_(views, [params[i].grad.detach() for i in idx])
+                sizes = [params[i].numel() for i in idx]
+                flat = torch.empty(sum(sizes), dtype=torch.float32, device=device)
+                # one split and a view each: a LoRA step has hundreds of adapter weights, and every op
+                # dispatched here is host time on a GPU step
+                views = [v.view(params[i].shape) for v, i in zip(flat.split(sizes), idx)]
+                with torch.no_grad():
+                    torch._foreach_copy_(views, [params[i].grad for i in idx])
                 for i, v in zip(idx, views):
                     masters[i].grad = v
             self._gathered = True

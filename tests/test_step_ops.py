@@ -14,32 +14,16 @@ from conftest import load_benchmark
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts aten ops dispatched inside the block (``counts``: op name -> calls)."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket)
-        self.counts[name] = self.counts.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-
-
+OpCounter = load_benchmark("harness").op_counter  # counts per aten op and their total
 
 @pytest.fixture(scope="module")
 def bench():
     return load_benchmark("bench_step")
 
 
-def _step_ops(bench, n_groups: int, attention: str, mode: str = "lora") -> OpCounter:
-    """aten ops of one optimizer step of (c) on ``n_groups`` groups in one micro-batch (precomputed ref)."""
+def _step_ops(bench, n_groups: int, attention: str, mode: str = "lora", peft_layers: bool = False) :
+    """aten ops of one optimizer step of (c) on ``n_groups`` groups in one micro-batch (precomputed ref);
+    ``peft_layers``: the LoRA layers put back to peft's own class (not fused)."""
     import sdpo_fast
     import sdpo_fast.model as sm
 
@@ -50,6 +34,12 @@ def _step_ops(bench, n_groups: int, attention: str, mode: str = "lora") -> OpCou
     cfg = bench.shapes.model_config("tiny-1b", args.overrides)
     torch.manual_seed(0)
     model, opt = bench.sweep.build_model(cfg, mode, args, dev)
+    if peft_layers:
+        from peft.tuners.lora.layer import Linear
+
+        for m in model.modules():
+            if isinstance(m, Linear):
+                m.__class__ = Linear
     groups = bench.shapes.make_groups(n_groups, bench.shapes.parse_shape("paper"), 3, 301, seed=n_groups)
     (mb,) = bench.shapes.split(groups, n_groups, 3, 301, dev)
     ref = bench.microbatch.Reference("precomputed", model, mode == "lora", table=torch.zeros(n_groups, 4))
@@ -81,6 +71,14 @@ def test_step_op_count_does_not_grow_with_groups(bench, stubbed_kernels, mode):
         k: (counts[2].counts.get(k), counts[8].counts.get(k))
         for k in set(counts[2].counts) | set(counts[8].counts) if counts[2].counts.get(k) != counts[8].counts.get(k)
     }
+
+
+def test_fused_lora_layers_dispatch_fewer_ops(bench, stubbed_kernels):
+    """sdpo_fast.lora_linear: one autograd function per adapted projection instead of peft's modules."""
+    fused, plain = _step_ops(bench, 2, "triton"), _step_ops(bench, 2, "triton", peft_layers=True)
+    # 2 layers x 7 projections; peft's layer dispatches about 20 more ops each, forward and backward
+    assert fused.total < plain.total - 14 * 12, (fused.total, plain.total)
+    assert fused.counts.get("aten.addmm_", 0) >= 14 and "aten.addmm_" not in plain.counts
 
 
 def test_op_count_sees_a_per_group_loop(bench, stubbed_kernels):

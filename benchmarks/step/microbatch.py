@@ -23,20 +23,25 @@ from . import shapes
 class Reference:
     """The reference log-probs of a step: ``"precomputed"`` (a ``[N, C]`` table computed once from the
     initial weights, outside the timed steps: the trainer's default) or ``"live"`` (inside the step,
-    no grad: LoRA with the adapters disabled, full fine-tuning through a frozen copy of the model)."""
+    no grad: LoRA with the adapters switched off as the trainer does, ``AdapterSwitch``; full
+    fine-tuning through a frozen copy of the model)."""
 
     def __init__(self, kind: str, model, lora: bool, table: torch.Tensor | None = None):
+        from sdpo_fast.adapters import AdapterSwitch
+
         self.kind, self.lora, self.table = kind, lora, table
-        self.ref_model = None
+        self.ref_model = self.switch = None
         if kind == "live" and not lora:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        if kind == "live" and lora:
+            self.switch = AdapterSwitch(model)
 
     def __call__(self, method, model, mb: shapes.MicroBatch) -> torch.Tensor:
         if self.kind == "precomputed":
             return self.table[mb.start : mb.start + mb.groups]
         with torch.no_grad():
             if self.lora:
-                with model.disable_adapter():
+                with self.switch.off():
                     return method.logprobs(model, mb).float()
             return method.logprobs(self.ref_model, mb).float()
 
@@ -46,7 +51,9 @@ class Reference:
 
 def precomputed_table(method, model, micro_batches, lora: bool) -> torch.Tensor:
     """``[N, C]`` float32 reference log-probs of every group of the step from the current weights."""
-    ctx = model.disable_adapter() if lora else contextlib.nullcontext()
+    from sdpo_fast.adapters import AdapterSwitch
+
+    ctx = AdapterSwitch(model).off() if lora else contextlib.nullcontext()
     with torch.no_grad(), ctx:
         return torch.cat([method.logprobs(model, mb).float() for mb in micro_batches])
 
