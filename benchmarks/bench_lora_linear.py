@@ -10,7 +10,7 @@ paper's shape with K negatives in one micro-batch; heads of 64 from hidden 256 o
   the native loss); the LoRA layers' ops are those of a GPU step, the rest differs;
 - time: ``bench_step``'s (c) optimizer step, the two sides in turns for ``--rounds`` rounds of
   ``--steps`` steps (the first round a warm-up): the median step, the range of the rounds' medians,
-  and peft / fused;
+  peft / fused of the medians, and the median and range of each round's own peft / fused;
 - check: the two sides' first losses and gradient norms (same weights, the reference their initial
   log-probs: equal up to rounding).
 
@@ -130,6 +130,8 @@ def run_cell(args, hidden: int, n_groups: int, device) -> dict:
         row[f"{side}_ms_range"] = [min(times[side]), max(times[side])]
         row[f"{side}_round_ms"] = times[side]
     row["peft_over_fused_time"] = row["peft_ms"] / row["fused_ms"]
+    paired = [p / f for p, f in zip(times["peft"], times["fused"])]  # one round's pair ran back to back
+    row["paired_ratio"] = dict(median=statistics.median(paired), min=min(paired), max=max(paired))
     row["peft_over_fused_ops"] = row["peft_ops_total"] / row["fused_ops_total"]
     return row
 
@@ -141,14 +143,16 @@ def markdown(rows: list[dict], env: dict) -> str:
              f"projections; the paper's shape, K = {env['k']}, every group in one micro-batch; "
              f"{env['rounds'] - 1} timed rounds of {env['steps']} steps, the sides in turns.", "",
              "| hidden | layers | groups | tokens | ops/step peft | ops/step fused | peft/fused ops | "
-             "ms/step peft (range) | ms/step fused (range) | peft/fused time | loss, grad norm: peft / fused |",
-             "|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|"]
+             "ms/step peft (range) | ms/step fused (range) | peft/fused time | per round (range) | "
+             "loss, grad norm: peft / fused |",
+             "|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['hidden']} | {r['layers']} | {r['groups']} | {r['tokens']} | {r['peft_ops_total']} | "
             f"{r['fused_ops_total']} | {r['peft_over_fused_ops']:.2f} | {r['peft_ms']:.1f} "
             f"({r['peft_ms_range'][0]:.1f}-{r['peft_ms_range'][1]:.1f}) | {r['fused_ms']:.1f} "
             f"({r['fused_ms_range'][0]:.1f}-{r['fused_ms_range'][1]:.1f}) | {r['peft_over_fused_time']:.2f} | "
+            f"{r['paired_ratio']['median']:.2f} ({r['paired_ratio']['min']:.2f}-{r['paired_ratio']['max']:.2f}) | "
             f"{r['peft_loss']:.6f}, {r['peft_grad_norm']:.5g} / {r['fused_loss']:.6f}, {r['fused_grad_norm']:.5g} |")
     lines += ["", "Ops by phase (forward / backward / optimizer), and the ops saved per LoRA projection:", ""]
     for r in rows:

@@ -22,6 +22,7 @@ def test_bench_lora_linear_writes_both_sides(tmp_path, one_thread):
     assert row["fused_ops"]["optimizer"] == row["peft_ops"]["optimizer"]
     assert row["peft_over_fused_ops"] == pytest.approx(row["peft_ops_total"] / row["fused_ops_total"])
     assert len(row["fused_round_ms"]) == len(row["peft_round_ms"]) == 1
+    assert row["paired_ratio"]["median"] == pytest.approx(row["peft_round_ms"][0] / row["fused_round_ms"][0])
     assert "| 32 | 2 | 2 |" in (tmp_path / "t.md").read_text()
 
 
