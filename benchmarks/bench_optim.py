@@ -1,13 +1,16 @@
 """How AdamW updates reach bf16 weights: memory, time and precision of ``train.py --weight_update``.
 
-Three optimizers over the same bf16 parameters and gradients, in one script:
+Four optimizers over the same bf16 parameters and gradients, in one script:
 - ``bf16 AdamW``: ``torch.optim.AdamW`` on the bf16 weights (moments in bf16; the negative control),
-- ``fp32 masters``: ``sdpo_fast.optim.MasterAdamW`` (the default),
+- ``fp32 masters``: ``sdpo_fast.optim.MasterAdamW`` (the default), torch's fused AdamW inside (the
+  trainer's choice on CUDA and on the CPU),
+- ``fp32 masters, loop``: the same with torch's for-loop AdamW (the trainer's CPU optimizer before
+  it took the fused one there),
 - ``stochastic rounding``: ``sdpo_fast.optim.StochasticRoundingAdamW``.
 
 Memory and time: a model's parameter shapes (``--shapes smollm2``: SmolLM2-135M, 134.5M parameters;
-``llama-1b``: Llama-3.2-1B, 1.24B), bf16 weights with random bf16 gradients, a few optimizer steps.
-Each optimizer runs in a fresh subprocess, the three in turns for ``--rounds`` rounds. Memory: the
+``llama-1b``: Llama-3.2-1B, 1.24B; ``smollm2-lora``: its rank-8 LoRA adapters, 420 tensors), bf16 weights with random bf16 gradients, a few optimizer steps.
+Each optimizer runs in a fresh subprocess, all in turns for ``--rounds`` rounds. Memory: the
 growth over the weights and gradients (resident set on CPU, ``max_memory_allocated`` on CUDA), as
 bytes per parameter; time: the median step (the first, which allocates the state, left out).
 
@@ -34,7 +37,7 @@ from pathlib import Path
 
 import harness
 
-MODES = ("bf16 AdamW", "fp32 masters", "stochastic rounding")
+MODES = ("bf16 AdamW", "fp32 masters", "fp32 masters, loop", "stochastic rounding")
 
 # (vocab, hidden, intermediate, layers, q heads, kv heads): Llama-architecture shapes, tied embeddings
 SHAPES = {"smollm2": (49152, 576, 1536, 30, 9, 3), "llama-1b": (128256, 2048, 8192, 16, 32, 8),
@@ -42,6 +45,14 @@ SHAPES = {"smollm2": (49152, 576, 1536, 30, 9, 3), "llama-1b": (128256, 2048, 81
 
 
 def param_shapes(name: str) -> list[tuple[int, ...]]:
+    """The trainable parameters' shapes: the whole model, or with ``-lora`` LoRA adapters of rank 8 on
+    its seven projections (A ``[8, in]``, B ``[out, 8]``: many small tensors)."""
+    if name.endswith("-lora"):
+        vocab, hidden, inter, layers, heads, kv = SHAPES[name[: -len("-lora")]]
+        kv_dim = hidden // heads * kv
+        projections = [(hidden, hidden), (hidden, kv_dim), (hidden, kv_dim), (hidden, hidden),
+                       (hidden, inter), (hidden, inter), (inter, hidden)]  # (in, out)
+        return [s for i, o in projections for s in ((8, i), (o, 8))] * layers
     vocab, hidden, inter, layers, heads, kv = SHAPES[name]
     kv_dim = hidden // heads * kv
     per_layer = [(hidden, hidden), (kv_dim, hidden), (kv_dim, hidden), (hidden, hidden),
@@ -54,11 +65,10 @@ def make_optimizer(mode: str, params, weight_decay: float = 0.01):
 
     from sdpo_fast.optim import MasterAdamW, StochasticRoundingAdamW
 
-    fused = all(p.is_cuda for p in params)
     if mode == "bf16 AdamW":
-        return torch.optim.AdamW(params, lr=1e-5, weight_decay=weight_decay, **({"fused": True} if fused else {}))
-    if mode == "fp32 masters":
-        return MasterAdamW(params, lr=1e-5, weight_decay=weight_decay, fused=fused)
+        return torch.optim.AdamW(params, lr=1e-5, weight_decay=weight_decay, fused=True)
+    if mode in ("fp32 masters", "fp32 masters, loop"):
+        return MasterAdamW(params, lr=1e-5, weight_decay=weight_decay, fused=mode == "fp32 masters")
     return StochasticRoundingAdamW(params, lr=1e-5, weight_decay=weight_decay, seed=0)
 
 
@@ -141,7 +151,7 @@ def precision(steps: int, seed: int = 0, lr: float = 1e-5, shape=(64, 2048)) -> 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", choices=sorted(SHAPES), default="smollm2")
+    ap.add_argument("--shapes", choices=sorted(SHAPES) + sorted(f"{k}-lora" for k in SHAPES), default="smollm2")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=4, help="optimizer steps per memory/time run (the first is not timed)")
     ap.add_argument("--rounds", type=int, default=2, help="runs of each optimizer, in turns")

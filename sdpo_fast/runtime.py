@@ -144,9 +144,11 @@ class StepResult(NamedTuple):
 
 
 def _fused_adamw_ok(params, device) -> bool:
-    """``AdamW(fused=True)``: one kernel per step instead of a loop, when every parameter is a CUDA
-    floating tensor (the fused path has no CPU version)."""
-    return device.type == "cuda" and bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+    """``AdamW(fused=True)``: one kernel per step instead of a loop over the parameters, when every
+    parameter is a floating tensor on ``device``, a CUDA device or the CPU (torch's fused AdamW has
+    both; on the CPU the loop also reads each step counter back, ``benchmarks/results/bench_optim_cpu.md``)."""
+    return (device.type in ("cuda", "cpu") and bool(params)
+            and all(p.device.type == device.type and p.is_floating_point() for p in params))
 
 
 def _clip_fp32(params, max_norm: float) -> torch.Tensor:

@@ -107,6 +107,36 @@ def test_state_dict_round_trip_continues_exactly():
     assert torch.equal(opt_a.masters[0], opt_b.masters[0])
 
 
+def test_the_trainer_takes_the_fused_adamw_on_cpu_and_a_for_loop_checkpoint_continues_in_it():
+    """The CPU trainer's optimizer is torch's fused AdamW; a checkpoint written by the for-loop one (the
+    CPU trainer before) loads into it and continues as the for-loop one would, to fp32 rounding."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sdpo_fast.runtime import Runtime
+
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    rt = Runtime(LlamaForCausalLM(cfg), deepspeed_config=None, batch_size=2, max_grad_norm=1.0, weight_decay=0.0,
+                 bf16=False, device=torch.device("cpu"))
+    assert rt.optimizer.inner.defaults["fused"] is True
+
+    loop_w, fused_w = _weights(), _weights()
+    loop = MasterAdamW(loop_w, lr=LR, weight_decay=WD)
+    _steps(((loop, loop_w),), range(3))
+    buf = io.BytesIO()
+    torch.save(loop.state_dict(), buf)
+    buf.seek(0)
+    fused = MasterAdamW(fused_w, lr=LR, weight_decay=WD, fused=True)
+    with torch.no_grad():
+        for pf, pl in zip(fused_w, loop_w):
+            pf.copy_(pl)
+    fused.load_state_dict(torch.load(buf, weights_only=True))
+    _steps(((loop, loop_w), (fused, fused_w)), range(3, 9))
+    for a, b in zip(loop.masters, fused.masters):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
+    assert not torch.equal(loop.masters[0], _weights()[0].float())  # the steps moved the weights
+
+
 def test_a_plain_adamw_state_loads_and_wrong_masters_are_refused():
     params = _weights()
     plain = torch.optim.AdamW(params, lr=LR, weight_decay=WD)  # a checkpoint written before the masters

@@ -10,9 +10,9 @@ calls themselves, as if the training tensors lived on a GPU. Left out, by design
   (``_read_logged``, once per ``--log_every`` steps), which the spy pauses;
 - copies to a device made outside this project (transformers moves its rotary buffers to the
   activations' device: a no-op on one device);
-- calls made by torch itself: the CPU AdamW reads its host-side step counters (on CUDA the trainer
-  uses the fused AdamW, which keeps them on the device), clipping moves per-device norms to the first
-  device (a no-op on one device), and the DataLoader draws its seed from its own CPU generator.
+- calls made by torch itself: clipping moves per-device norms to the first device (a no-op on one
+  device), and the DataLoader draws its seed from its own CPU generator. (The trainer's AdamW is the
+  fused one, which keeps its step counters on the device.)
 """
 
 import os

@@ -47,7 +47,7 @@ def build_model(cfg: dict, mode: str, args, device):
                                              target_modules=LORA_TARGETS))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    return model, MasterAdamW(params, lr=1e-5, fused=device.type == "cuda")  # the trainer's optimizer
+    return model, MasterAdamW(params, lr=1e-5, fused=device.type in ("cuda", "cpu"))  # the trainer's optimizer
 
 
 def grad_norm(model) -> float:
