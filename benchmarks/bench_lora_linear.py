@@ -64,30 +64,20 @@ def parse_args(argv=None):
     return args
 
 
-def unfuse(model) -> int:
-    """Puts every fused LoRA layer back to peft's class (the baseline); returns how many."""
-    from peft.tuners.lora.layer import Linear
-
-    from sdpo_fast.lora_linear import FusedLoRALinear
-
-    layers = [m for m in model.modules() if type(m) is FusedLoRALinear]
-    for m in layers:
-        m.__class__ = Linear
-    return len(layers)
-
-
 def run_cell(args, hidden: int, n_groups: int, device) -> dict:
     heads = hidden // (64 if hidden >= 256 else 16)  # Llama-3.2-1B: 32 heads of 64, 8 KV heads
     cfg = shapes.model_config("tiny-1b", dict(hidden_size=hidden, intermediate_size=4 * hidden,
                                               num_hidden_layers=args.layers, num_attention_heads=heads,
                                               num_key_value_heads=heads // 4 if heads >= 8 else max(1, heads // 2)))
     base = types.SimpleNamespace(dtype=args.dtype, lora_rank=args.lora_rank)
+    from sdpo_fast.adapters import unfuse_lora_layers
+
     sides = {}
     for side in ("fused", "peft"):
         torch.manual_seed(0)
         model, opt = sweep.build_model(cfg, "lora", base, device)
-        layers = unfuse(model) if side == "peft" else sum(type(m).__name__ == "FusedLoRALinear" for m in model.modules())
-        sides[side] = dict(model=model, opt=opt, layers=layers)
+        sides[side] = dict(model=model, opt=opt)
+    lora_layers = unfuse_lora_layers(sides["peft"]["model"])
     groups = shapes.make_groups(n_groups, shapes.parse_shape(args.shape), args.k, cfg["vocab_size"], seed=0)
     mbs = shapes.split(groups, n_groups, args.k, cfg["vocab_size"], device)
     (method,) = methods.build_methods(["c"], device, None, "fused")[0].values()
@@ -95,7 +85,7 @@ def run_cell(args, hidden: int, n_groups: int, device) -> dict:
     ref = microbatch.Reference("precomputed", None, True, table=table)
 
     row = dict(hidden=hidden, intermediate=4 * hidden, layers=args.layers, groups=n_groups, k=args.k,
-               tokens=sum(mb.batch.num_tokens for mb in mbs), lora_layers=sides["fused"]["layers"])
+               tokens=sum(mb.batch.num_tokens for mb in mbs), lora_layers=lora_layers)
     for side, s in sides.items():  # first step: the check, and the optimizer's state exists before counting
         model, opt = s["model"], s["opt"]
         opt.zero_grad(set_to_none=True)

@@ -47,17 +47,14 @@ SHAPES = {"smollm2": (49152, 576, 1536, 30, 9, 3), "llama-1b": (128256, 2048, 81
 def param_shapes(name: str) -> list[tuple[int, ...]]:
     """The trainable parameters' shapes: the whole model, or with ``-lora`` LoRA adapters of rank 8 on
     its seven projections (A ``[8, in]``, B ``[out, 8]``: many small tensors)."""
-    if name.endswith("-lora"):
-        vocab, hidden, inter, layers, heads, kv = SHAPES[name[: -len("-lora")]]
-        kv_dim = hidden // heads * kv
-        projections = [(hidden, hidden), (hidden, kv_dim), (hidden, kv_dim), (hidden, hidden),
-                       (hidden, inter), (hidden, inter), (inter, hidden)]  # (in, out)
-        return [s for i, o in projections for s in ((8, i), (o, 8))] * layers
-    vocab, hidden, inter, layers, heads, kv = SHAPES[name]
+    lora = name.endswith("-lora")
+    vocab, hidden, inter, layers, heads, kv = SHAPES[name[: -len("-lora")] if lora else name]
     kv_dim = hidden // heads * kv
-    per_layer = [(hidden, hidden), (kv_dim, hidden), (kv_dim, hidden), (hidden, hidden),
-                 (inter, hidden), (inter, hidden), (hidden, inter), (hidden,), (hidden,)]
-    return [(vocab, hidden)] + per_layer * layers + [(hidden,)]
+    projections = [(hidden, hidden), (kv_dim, hidden), (kv_dim, hidden), (hidden, hidden),
+                   (inter, hidden), (inter, hidden), (hidden, inter)]  # (out, in)
+    if lora:
+        return [s for o, i in projections for s in ((8, i), (o, 8))] * layers
+    return [(vocab, hidden)] + (projections + [(hidden,), (hidden,)]) * layers + [(hidden,)]
 
 
 def make_optimizer(mode: str, params, weight_decay: float = 0.01):

@@ -47,6 +47,19 @@ def fuse_lora_layers(model) -> int:
     return len(layers)
 
 
+def unfuse_lora_layers(model) -> int:
+    """The inverse of ``fuse_lora_layers``: every ``FusedLoRALinear`` back to peft's ``Linear`` (peft's
+    own forward, the benchmarks' baseline); returns how many."""
+    from peft.tuners.lora.layer import Linear
+
+    from .lora_linear import FusedLoRALinear
+
+    layers = [m for m in model.modules() if type(m) is FusedLoRALinear]
+    for layer in layers:
+        layer.__class__ = Linear
+    return len(layers)
+
+
 class AdapterSwitch:
     """Turns every LoRA layer of ``model`` off and on again through a list collected once.
 

@@ -5,7 +5,7 @@ modules and five autograd nodes; here one node and three GEMMs each way (the cou
 ``benchmarks/results/lora_linear_cpu.md``). Every dispatched op costs host time, which bounds a small
 GPU step. ``FusedLoRALinear`` is peft's class with another ``forward``: the same
 parameters, state dict, merge and unmerge, and peft's own forward wherever the fused one does not
-apply (``FusedLoRALinear.fusable``). ``sdpo_fast.adapters.fuse_lora_layers`` swaps it in.
+apply (``FusedLoRALinear.fused_adapter``). ``sdpo_fast.adapters.fuse_lora_layers`` swaps it in.
 
 Shapes: ``x [..., k]``, base weight ``W [n, k]`` (bias ``[n]`` or none), ``A [r, k]``, ``B [n, r]``,
 output ``[..., n]``; ``s`` is the adapter's ``scaling``.
@@ -74,39 +74,40 @@ def _plain(module: nn.Module) -> bool:
 
 
 class FusedLoRALinear(PeftLoRALinear):
-    """peft's LoRA ``Linear`` whose forward is ``LoRALinearFunction`` when ``fusable(x)``, else
-    peft's own (module docstring)."""
+    """peft's LoRA ``Linear`` whose forward is ``LoRALinearFunction`` when ``fused_adapter(x)`` names
+    an adapter, else peft's own (module docstring)."""
 
-    def fusable(self, x: torch.Tensor) -> bool:
-        """One active plain LoRA adapter (no DoRA or other variant, no adapter bias), not merged nor
-        disabled, dropout off (``p = 0`` or eval mode), ``x`` and all three weights of one dtype, no
-        autocast, and plain ``nn.Linear`` modules without hooks (``_plain``) and no global module hooks."""
+    def fused_adapter(self, x: torch.Tensor) -> str | None:
+        """The adapter to run fused on ``x``, or None for peft's forward. Fused: one active plain LoRA
+        adapter (no DoRA or other variant, no adapter bias), not merged nor disabled, dropout off
+        (``p = 0`` or eval mode), ``x`` and all three weights of one dtype, no autocast, and plain
+        ``nn.Linear`` modules without hooks (``_plain``) and no global module hooks."""
         if self.disable_adapters or self.merged:
-            return False
+            return None
         active = self.active_adapters
         if len(active) != 1:
-            return False
+            return None
         name = active[0]
         variant = name in getattr(self, "lora_variant", ()) or getattr(self, "use_dora", {}).get(name)
         if name not in self.lora_A or variant:  # (peft before variants marks DoRA in use_dora)
-            return False
+            return None
         base, a, b = self.base_layer, self.lora_A[name], self.lora_B[name]
         if not (_plain(base) and _plain(a) and _plain(b)) or a.bias is not None or b.bias is not None:
-            return False
+            return None
         drop = self.lora_dropout[name]
         if not (type(drop) is nn.Identity or (type(drop) is nn.Dropout and (drop.p == 0 or not drop.training))):
-            return False
+            return None
         if not (x.dtype == base.weight.dtype == a.weight.dtype == b.weight.dtype):
-            return False
+            return None
         if torch.is_autocast_enabled(x.device.type):
-            return False
+            return None
         hooks = nn.modules.module
-        return not (hooks._global_forward_pre_hooks or hooks._global_forward_hooks)
+        return None if hooks._global_forward_pre_hooks or hooks._global_forward_hooks else name
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if args or kwargs or not self.fusable(x):
+        name = None if args or kwargs else self.fused_adapter(x)
+        if name is None:
             return super().forward(x, *args, **kwargs)
-        name = self.active_adapters[0]
         base = self.base_layer
         return LoRALinearFunction.apply(x, base.weight, base.bias, self.lora_A[name].weight,
                                         self.lora_B[name].weight, float(self.scaling[name]))

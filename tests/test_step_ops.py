@@ -35,11 +35,9 @@ def _step_ops(bench, n_groups: int, attention: str, mode: str = "lora", peft_lay
     torch.manual_seed(0)
     model, opt = bench.sweep.build_model(cfg, mode, args, dev)
     if peft_layers:
-        from peft.tuners.lora.layer import Linear
+        from sdpo_fast.adapters import unfuse_lora_layers
 
-        for m in model.modules():
-            if isinstance(m, Linear):
-                m.__class__ = Linear
+        unfuse_lora_layers(model)
     groups = bench.shapes.make_groups(n_groups, bench.shapes.parse_shape("paper"), 3, 301, seed=n_groups)
     (mb,) = bench.shapes.split(groups, n_groups, 3, 301, dev)
     ref = bench.microbatch.Reference("precomputed", model, mode == "lora", table=torch.zeros(n_groups, 4))
